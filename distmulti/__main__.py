@@ -1,0 +1,5 @@
+import sys
+
+from distmulti.cli import main
+
+sys.exit(main())

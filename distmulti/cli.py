@@ -1,0 +1,104 @@
+"""The ``distmulti`` command: ``parse_args`` -> ``config_from_args`` -> ``run`` -> ``main``.
+
+Each step is a plain function, so tests call ``main([...])`` in-process.
+"""
+import argparse
+import sys
+from typing import List, Optional
+
+from distmulti._version import __version__
+from distmulti.config import BACKWARD_MODES, TrainConfig
+from distmulti.errors import DistmultiError, NonFiniteLossError
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}')
+
+
+def _float_list(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated numbers, got {text!r}')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='distmulti', description='Train shared-base, multi-head Chainer networks.')
+    parser.add_argument('--version', action='version', version=f'distmulti {__version__}')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    sub.required = True
+
+    t = sub.add_parser('train', help='train a multi-head network',
+                       description='Train a multi-head network (default: the embedded '
+                                   'multi-digit strips). Flags override --config.')
+    t.add_argument('--config', '-c', metavar='FILE', help='YAML file of config keys')
+    t.add_argument('--device', '-d', help='-1 or @numpy (CPU, default), N or @cupy:N (GPU N)')
+    t.add_argument('--batchsize', '-b', type=int, help='minibatch size (default 64)')
+    length = t.add_mutually_exclusive_group()
+    length.add_argument('--epoch', '-e', type=int, help='epochs to train (default 8)')
+    length.add_argument('--iterations', '-i', type=int, help='iterations to train')
+    t.add_argument('--heads', type=int, help='number of classifier heads (default 3)')
+    t.add_argument('--lr', type=float, help='learning rate of every optimizer (default 1e-3)')
+    t.add_argument('--optimizer', help='optimizer type of every part (default adam); per-part '
+                                       'types and rates go under `optimizers:` in --config')
+    t.add_argument('--loss-weights', type=_float_list, metavar='W0,W1,..',
+                   help='weight of each head in the summed loss (default all 1)')
+    t.add_argument('--freeze', type=_int_list, metavar='I,J,..',
+                   help='heads whose parameters stay fixed')
+    t.add_argument('--backward', choices=BACKWARD_MODES,
+                   help='fused: one backward of the weighted sum (default); per_loss: one '
+                        'backward per head, as hand-written updaters do (same gradients)')
+    t.add_argument('--seed', type=int, help='random seed of data, init and shuffling (default 0)')
+    t.add_argument('--out', '-o', help='output directory (default result)')
+    t.add_argument('--resume', '-r', metavar='SNAPSHOT', help='snapshot file to resume from')
+    t.add_argument('--snapshot-interval', type=int, metavar='N',
+                   help='write a snapshot every N iterations (default 200)')
+    t.add_argument('--keep-snapshots', type=int, metavar='K', help='snapshots kept (default 3)')
+    t.add_argument('--eval-interval', type=int, metavar='N',
+                   help='evaluate and log every N iterations (default: every epoch)')
+    t.add_argument('--train-size', type=int, help='embedded training strips (default 6000)')
+    t.add_argument('--test-size', type=int, help='embedded test strips (default 1000)')
+    t.add_argument('--no-progress', dest='progress', action='store_false', default=None,
+                   help='no progress bar')
+    t.add_argument('--no-plot', dest='plot', action='store_false', default=None,
+                   help='no PNG plots')
+    t.set_defaults(func=run_train)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults, then the --config file, then the flags that were given."""
+    config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    given = {key: value for key, value in vars(args).items()
+             if value is not None and key not in ('command', 'func', 'config')}
+    return config.updated(given, source='command line').validate()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from distmulti.training import train
+    train(config_from_args(args))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return args.func(args)
+    except NonFiniteLossError as e:
+        print(f'distmulti: error: {e}', file=sys.stderr)
+        return 1
+    except DistmultiError as e:
+        print(f'distmulti: error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""TrainConfig: the one place where training options, their defaults and their checks live.
+
+A config comes from defaults, then a YAML file, then command-line flags (later wins).
+YAML keys are the long flag names with ``_`` or ``-`` (``batchsize``, ``snapshot_interval``).
+"""
+import dataclasses
+import re
+from typing import Any, Dict, List, Mapping, Optional
+
+from distmulti.errors import ConfigError
+
+DEFAULT_EPOCHS = 8
+BACKWARD_MODES = ('fused', 'per_loss')
+OPTIMIZER_KEYS = ('type', 'lr')
+_DEVICE_RE = re.compile(r'^@cupy:(\d+)$')
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run needs. ``validate()`` checks it all at once."""
+
+    heads: int = 3
+    batchsize: int = 64
+    epoch: Optional[int] = None
+    iterations: Optional[int] = None
+    lr: float = 1e-3
+    optimizer: str = 'adam'
+    optimizers: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
+    loss_weights: Optional[List[float]] = None
+    freeze: List[int] = dataclasses.field(default_factory=list)
+    backward: str = 'fused'
+    device: str = '@numpy'
+    seed: int = 0
+    out: str = 'result'
+    resume: Optional[str] = None
+    snapshot_interval: int = 200
+    keep_snapshots: int = 3
+    eval_interval: Optional[int] = None
+    train_size: int = 6000
+    test_size: int = 1000
+    progress: bool = True
+    plot: bool = True
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = 'config') -> 'TrainConfig':
+        """Builds a config from a mapping (e.g. parsed YAML); unknown keys are an error."""
+        return cls().updated(values, source)
+
+    def updated(self, values: Mapping[str, Any], source: str = 'config') -> 'TrainConfig':
+        """Returns a copy with ``values`` applied; ``epoch`` and ``iterations`` replace each other."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f'{source} must be a mapping of option names to values, '
+                              f'got {type(values).__name__}')
+        known = {f.name for f in dataclasses.fields(self)}
+        clean = {}
+        for key, value in values.items():
+            name = str(key).replace('-', '_')
+            if name not in known:
+                raise ConfigError(f'unknown config key {key!r} in {source}; allowed keys: '
+                                  f'{", ".join(sorted(known))}')
+            clean[name] = value
+        if clean.get('epoch') is not None:
+            clean.setdefault('iterations', None)
+        if clean.get('iterations') is not None:
+            clean.setdefault('epoch', None)
+        return dataclasses.replace(self, **clean)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> 'TrainConfig':
+        """Reads a YAML file of config keys."""
+        import yaml
+        try:
+            with open(path, encoding='utf-8') as f:
+                values = yaml.safe_load(f)
+        except OSError as e:
+            raise ConfigError(f'cannot read config file {path!r}: {e.strerror}') from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f'config file {path!r} is not valid YAML: {e}') from None
+        return cls.from_mapping(values or {}, source=f'config file {path!r}')
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # -- derived values -----------------------------------------------------
+    @property
+    def head_names(self) -> List[str]:
+        return [f'head{i}' for i in range(self.heads)]
+
+    @property
+    def optimizer_names(self) -> List[str]:
+        return ['base'] + self.head_names
+
+    @property
+    def stop_trigger(self):
+        if self.iterations is not None:
+            return (self.iterations, 'iteration')
+        return (self.epoch if self.epoch is not None else DEFAULT_EPOCHS, 'epoch')
+
+    @property
+    def weights(self) -> List[float]:
+        return list(self.loss_weights) if self.loss_weights is not None else [1.0] * self.heads
+
+    def optimizer_spec(self, name: str) -> Dict[str, Any]:
+        """The optimizer type and learning rate for ``base`` or ``head{i}``."""
+        spec = {'type': self.optimizer, 'lr': self.lr}
+        spec.update(self.optimizers.get(name, {}))
+        return spec
+
+    # -- checks -------------------------------------------------------------
+    def validate(self) -> 'TrainConfig':
+        """Raises ConfigError naming the first bad value; returns self (normalised)."""
+        _check_int('heads', self.heads, minimum=1)
+        _check_int('batchsize', self.batchsize, minimum=1)
+        if self.epoch is not None and self.iterations is not None:
+            raise ConfigError(f'give either epoch ({self.epoch}) or iterations '
+                              f'({self.iterations}), not both')
+        if self.epoch is not None:
+            _check_int('epoch', self.epoch, minimum=1)
+        if self.iterations is not None:
+            _check_int('iterations', self.iterations, minimum=1)
+        _check_number('lr', self.lr, positive=True)
+        from distmulti.optim import check_optimizer_type
+        check_optimizer_type(self.optimizer, 'optimizer')
+        if not isinstance(self.optimizers, Mapping):
+            raise ConfigError(f'optimizers must map names ({", ".join(self.optimizer_names)}) '
+                              f'to {{type, lr}}, got {self.optimizers!r}')
+        for name, spec in self.optimizers.items():
+            if name not in self.optimizer_names:
+                raise ConfigError(f'optimizers has an entry for {name!r}, but with heads='
+                                  f'{self.heads} the parts are {", ".join(self.optimizer_names)}')
+            if not isinstance(spec, Mapping) or set(spec) - set(OPTIMIZER_KEYS):
+                raise ConfigError(f'optimizers[{name!r}] must be a mapping with keys '
+                                  f'{" and/or ".join(OPTIMIZER_KEYS)}, got {spec!r}')
+            if 'type' in spec:
+                check_optimizer_type(spec['type'], f'optimizers[{name!r}].type')
+            if 'lr' in spec:
+                _check_number(f'optimizers[{name!r}].lr', spec['lr'], positive=True)
+        if self.loss_weights is not None:
+            if not isinstance(self.loss_weights, (list, tuple)) or len(self.loss_weights) != self.heads:
+                raise ConfigError(f'loss_weights must hold one number per head ({self.heads}), '
+                                  f'got {self.loss_weights!r}')
+            for i, w in enumerate(self.loss_weights):
+                _check_number(f'loss_weights[{i}]', w, positive=False)
+                if w < 0:
+                    raise ConfigError(f'loss_weights[{i}] must be >= 0, got {w!r}')
+        if not isinstance(self.freeze, (list, tuple)):
+            raise ConfigError(f'freeze must be a list of head indices, got {self.freeze!r}')
+        for i in self.freeze:
+            if not _is_int(i) or not 0 <= i < self.heads:
+                raise ConfigError(f'freeze lists head {i!r}, but heads are numbered '
+                                  f'0..{self.heads - 1}')
+        if self.backward not in BACKWARD_MODES:
+            raise ConfigError(f'backward must be one of {", ".join(BACKWARD_MODES)}, '
+                              f'got {self.backward!r}')
+        self.device = normalize_device(self.device)
+        _check_int('seed', self.seed, minimum=0)
+        if not isinstance(self.out, str) or not self.out:
+            raise ConfigError(f'out must be a directory path, got {self.out!r}')
+        if self.resume is not None and not isinstance(self.resume, str):
+            raise ConfigError(f'resume must be a snapshot file path, got {self.resume!r}')
+        _check_int('snapshot_interval', self.snapshot_interval, minimum=1)
+        _check_int('keep_snapshots', self.keep_snapshots, minimum=1)
+        if self.eval_interval is not None:
+            _check_int('eval_interval', self.eval_interval, minimum=1)
+        _check_int('train_size', self.train_size, minimum=1)
+        _check_int('test_size', self.test_size, minimum=1)
+        for flag in ('progress', 'plot'):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f'{flag} must be true or false, got {getattr(self, flag)!r}')
+        return self
+
+
+def normalize_device(spec: Any) -> str:
+    """Maps ``-1``/``@numpy`` to ``@numpy`` and ``N``/``@cupy:N`` to ``@cupy:N``."""
+    text = str(spec).strip() if isinstance(spec, (str, int)) and not isinstance(spec, bool) else None
+    if text is not None:
+        if text in ('-1', '@numpy', 'numpy', 'cpu'):
+            return '@numpy'
+        if text.isdigit():
+            return f'@cupy:{int(text)}'
+        if _DEVICE_RE.match(text):
+            return f'@cupy:{int(_DEVICE_RE.match(text).group(1))}'
+        if text == '@intel64':
+            return text
+    raise ConfigError(f'unknown device {spec!r}; allowed: -1 or @numpy (CPU), '
+                      f'N or @cupy:N (GPU N), @intel64')
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not _is_int(value) or value < minimum:
+        raise ConfigError(f'{name} must be an integer >= {minimum}, got {value!r}')
+
+
+def _check_number(name: str, value: Any, positive: bool) -> None:
+    import math
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        raise ConfigError(f'{name} must be a finite number{" > 0" if positive else ""}, '
+                          f'got {value!r}')

@@ -1,0 +1,118 @@
+"""Embedded data (multi-digit strips from scikit-learn's bundled digits), label checks, iterators.
+
+Each sample is K real 8x8 handwritten digits side by side (1 x 8 x 8K); its label row holds the
+K digits, one column per head. Source images are split once into train and test pools, so no
+digit image appears in both splits.
+"""
+import gzip
+import importlib.util
+import os
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+from chainer.datasets import TupleDataset
+from chainer.iterators import SerialIterator
+
+from distmulti.errors import DataError
+from distmulti.models import IGNORE_LABEL
+
+DIGIT_SIZE = 8
+
+
+class DigitStrips(NamedTuple):
+    """A split of the embedded data: inputs, labels and the source image of each digit."""
+
+    x: np.ndarray       # float32 (N, 1, 8, 8K), pixels scaled to [0, 1]
+    y: np.ndarray       # int32 (N, K)
+    source: np.ndarray  # int64 (N, K), index into the 1,797 bundled images
+
+    def dataset(self) -> TupleDataset:
+        return TupleDataset(self.x, self.y)
+
+
+def load_digit_images() -> Tuple[np.ndarray, np.ndarray]:
+    """Reads scikit-learn's bundled digits (no download): float32 (1797, 8, 8) in [0, 1], labels."""
+    spec = importlib.util.find_spec('sklearn')
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError('scikit-learn is not installed; it ships the embedded digits '
+                           '(pip install scikit-learn)')
+    path = os.path.join(list(spec.submodule_search_locations)[0],
+                        'datasets', 'data', 'digits.csv.gz')
+    with gzip.open(path, 'rt') as f:
+        table = np.loadtxt(f, delimiter=',', dtype=np.float32)
+    images = (table[:, :-1] / 16.0).reshape(-1, DIGIT_SIZE, DIGIT_SIZE).astype(np.float32)
+    return images, table[:, -1].astype(np.int32)
+
+
+def make_strips(images: np.ndarray, labels: np.ndarray, pool: np.ndarray, n: int, k: int,
+                rng: np.random.RandomState) -> DigitStrips:
+    """Builds ``n`` strips of ``k`` digits drawn (with replacement) from the image indices ``pool``."""
+    source = pool[rng.randint(0, len(pool), size=(n, k))]
+    x = images[source]                                   # (n, k, 8, 8)
+    x = x.transpose(0, 2, 1, 3).reshape(n, 1, DIGIT_SIZE, DIGIT_SIZE * k)
+    return DigitStrips(np.ascontiguousarray(x, dtype=np.float32), labels[source], source)
+
+
+def digit_strips(k: int, n_train: int, n_test: int, seed: int = 0,
+                 test_fraction: float = 0.2) -> Tuple[DigitStrips, DigitStrips]:
+    """The embedded train and test splits for ``k`` heads, reproducible from ``seed``."""
+    images, labels = load_digit_images()
+    rng = np.random.RandomState(seed)
+    order = rng.permutation(len(images))
+    n_test_images = int(round(len(images) * test_fraction))
+    test_pool, train_pool = order[:n_test_images], order[n_test_images:]
+    train = make_strips(images, labels, np.sort(train_pool), n_train, k, rng)
+    test = make_strips(images, labels, np.sort(test_pool), n_test, k, rng)
+    return train, test
+
+
+def check_labels(y: np.ndarray, classes: Sequence[int], where: str) -> None:
+    """Raises DataError unless ``y`` is (N, K) integers in [0, classes_i) or -1 (ignored)."""
+    y = np.asarray(y)
+    k = len(classes)
+    if y.ndim != 2 or y.shape[1] != k:
+        cols = y.shape[1] if y.ndim == 2 else f'shape {y.shape} instead of (N, K), i.e. no'
+        raise DataError(f'{where}: the labels have {cols} columns but the model has {k} '
+                        f'head{"s" if k != 1 else ""}; give one label column per head')
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f'{where}: labels must be integers, got dtype {y.dtype}')
+    for i, n_classes in enumerate(classes):
+        col = y[:, i]
+        bad = (col != IGNORE_LABEL) & ((col < 0) | (col >= n_classes))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise DataError(f'{where}: head{i} label {int(col[row])} at row {row} is outside '
+                            f'[0, {n_classes}) ({n_classes} classes); use -1 to ignore a sample '
+                            f'({int(bad.sum())} bad labels in that column)')
+
+
+def labels_of(dataset) -> np.ndarray:
+    """The label array of a dataset of (x, t) pairs."""
+    if isinstance(dataset, TupleDataset) and len(dataset._datasets) == 2:
+        return np.asarray(dataset._datasets[1])
+    return np.stack([np.asarray(dataset[i][1]) for i in range(len(dataset))])
+
+
+class ShuffledIterator(SerialIterator):
+    """A SerialIterator that shuffles with its own seeded generator and saves that
+    generator's state in snapshots, so a resumed run draws the same batches as an
+    uninterrupted one (Chainer's ShuffleOrderSampler does not serialize its state)."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, repeat: bool = True,
+                 shuffle: bool = True):
+        self._rng: Optional[np.random.RandomState] = (
+            np.random.RandomState(seed) if shuffle else None)
+        sampler = (lambda order, position: self._rng.permutation(len(order))) if shuffle else None
+        super().__init__(dataset, batch_size, repeat=repeat,
+                         shuffle=None if shuffle else False, order_sampler=sampler)
+
+    def serialize(self, serializer):
+        super().serialize(serializer)
+        if self._rng is None:
+            return
+        kind, keys, pos, has_gauss, cached = self._rng.get_state()
+        state = serializer('rng_state', np.asarray(keys, dtype=np.uint32))
+        extra = serializer('rng_extra', np.array([pos, has_gauss, cached], dtype=np.float64))
+        if state is not None and extra is not None:
+            self._rng.set_state((kind, np.asarray(state, dtype=np.uint32), int(extra[0]),
+                                 int(extra[1]), float(extra[2])))

