@@ -4,6 +4,7 @@ A config comes from defaults, then a YAML file, then command-line flags (later w
 YAML keys are the long flag names with ``_`` or ``-`` (``batchsize``, ``snapshot_interval``).
 """
 import dataclasses
+import difflib
 import re
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -57,7 +58,9 @@ class TrainConfig:
         for key, value in values.items():
             name = str(key).replace('-', '_')
             if name not in known:
-                raise ConfigError(f'unknown config key {key!r} in {source}; allowed keys: '
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f' (did you mean {close[0]!r}?)' if close else ''
+                raise ConfigError(f'unknown config key {key!r} in {source}{hint}; allowed keys: '
                                   f'{", ".join(sorted(known))}')
             clean[name] = value
         if clean.get('epoch') is not None:

@@ -74,8 +74,6 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=No
     classes = net.initialize(first_x)
     check_labels(labels_of(train_data), classes, 'training data')
     check_labels(labels_of(test_data), classes, 'test data')
-    for i in config.freeze:
-        net.heads[i].disable_update()
 
     optimizers = {}
     for name in config.optimizer_names:
@@ -87,11 +85,10 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=No
     test_iter = SerialIterator(test_data, max(config.batchsize, EVAL_BATCHSIZE),
                                repeat=False, shuffle=False)
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
-                               backward=config.backward, device=device)
+                               backward=config.backward, frozen=config.freeze,
+                               device=device)
     os.makedirs(config.out, exist_ok=True)
     result_path = os.path.join(config.out, RESULT_FILE)
-    if comm.is_root and os.path.exists(result_path):
-        os.unlink(result_path)  # a stale marker must not vouch for this run
     trainer = training.Trainer(updater, config.stop_trigger, out=config.out)
     evaluator = MultiHeadEvaluator(test_iter, net, loss_weights=config.weights,
                                    device=device, comm=comm)

@@ -30,12 +30,14 @@ class MultiHeadUpdater(StandardUpdater):
         optimizers: ``{'base': opt, 'head0': opt, ...}``, each set up on ``net.<name>``.
         loss_weights: one weight per head for the summed loss (default all 1).
         backward: ``'fused'`` (one backward of the weighted sum) or ``'per_loss'``.
+        frozen: indices of heads whose parameters stay fixed (their optimizers never step);
+            their losses still train the base unless their weight is 0.
         converter, device: as for ``StandardUpdater``.
     """
 
     def __init__(self, iterator, net: MultiHeadNet, optimizers: Dict[str, chainer.Optimizer],
                  loss_weights: Optional[Sequence[float]] = None, backward: str = 'fused',
-                 converter=convert.concat_examples, device=None):
+                 frozen: Sequence[int] = (), converter=convert.concat_examples, device=None):
         _check_optimizers(net, optimizers)
         if backward not in BACKWARD_MODES:
             raise ValueError(f'backward must be one of {", ".join(BACKWARD_MODES)}, '
@@ -44,8 +46,15 @@ class MultiHeadUpdater(StandardUpdater):
         if len(weights) != net.n_heads:
             raise ValueError(f'loss_weights must hold one weight per head ({net.n_heads}), '
                              f'got {len(weights)}')
+        for i in frozen:
+            if not 0 <= i < net.n_heads:
+                raise ValueError(f'frozen head {i} does not exist; heads are 0..{net.n_heads - 1}')
         super().__init__(iterator, dict(optimizers), converter=converter, device=device)
         self.net = net
+        self.frozen = frozenset(f'head{i}' for i in frozen)
+        for name in self.frozen:
+            # After optimizer.setup(), which would replace a disabled update rule.
+            getattr(net, name).disable_update()
         self.loss_weights = weights
         self.backward_mode = backward
 
@@ -73,8 +82,9 @@ class MultiHeadUpdater(StandardUpdater):
         else:
             for term in weighted:
                 term.backward()
-        for optimizer in self._optimizers.values():
-            optimizer.update()
+        for name, optimizer in self._optimizers.items():
+            if name not in self.frozen:
+                optimizer.update()
 
         self._report(loss_values, count_stats(logits, t))
 

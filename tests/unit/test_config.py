@@ -1,0 +1,72 @@
+"""TrainConfig: defaults, YAML, precedence of flags, and one clear error per bad value."""
+import pytest
+
+from distmulti.cli import config_from_args, parse_args
+from distmulti.config import TrainConfig, normalize_device
+from distmulti.errors import ConfigError
+
+
+def test_defaults_are_valid_and_train_three_heads_for_eight_epochs():
+    config = TrainConfig().validate()
+    assert config.heads == 3 and config.stop_trigger == (8, 'epoch')
+    assert config.optimizer_names == ['base', 'head0', 'head1', 'head2']
+
+
+@pytest.mark.parametrize('spec,expected', [
+    ('-1', '@numpy'), (-1, '@numpy'), ('@numpy', '@numpy'), ('0', '@cupy:0'), (1, '@cupy:1'),
+    ('@cupy:2', '@cupy:2'), ('@intel64', '@intel64')])
+def test_device_specs_in_chainer_example_style(spec, expected):
+    assert normalize_device(spec) == expected
+
+
+@pytest.mark.parametrize('values,message', [
+    ({'heads': 0}, 'heads must be an integer >= 1, got 0'),
+    ({'batchsize': 0}, 'batchsize must be an integer >= 1, got 0'),
+    ({'batchsize': 2.5}, 'batchsize must be an integer >= 1, got 2.5'),
+    ({'device': 'gpu0'}, "unknown device 'gpu0'; allowed: -1 or @numpy"),
+    ({'device': '@cupy:x'}, "unknown device '@cupy:x'"),
+    ({'lr': -1.0}, 'lr must be a finite number > 0, got -1.0'),
+    ({'optimizer': 'adamw'}, "optimizer must be one of adadelta, adagrad, adam"),
+    ({'backward': 'twice'}, "backward must be one of fused, per_loss, got 'twice'"),
+    ({'loss_weights': [1, 1]}, 'loss_weights must hold one number per head (3)'),
+    ({'freeze': [3]}, 'freeze lists head 3, but heads are numbered 0..2'),
+    ({'optimizers': {'head7': {'lr': 0.1}}}, "optimizers has an entry for 'head7'"),
+    ({'optimizers': {'head0': {'rate': 0.1}}}, "optimizers['head0'] must be a mapping"),
+    ({'epoch': 0}, 'epoch must be an integer >= 1, got 0'),
+])
+def test_each_bad_value_gets_a_sentence_naming_it(values, message):
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.from_mapping(values).validate()
+    assert message in str(info.value)
+
+
+def test_unknown_keys_are_rejected_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'batch_size' in config "
+                                          r"\(did you mean 'batchsize'\?\); allowed keys: "):
+        TrainConfig.from_mapping({'batch_size': 3})
+
+
+def test_yaml_file_then_flags_override(tmp_path):
+    path = tmp_path / 'run.yaml'
+    path.write_text('heads: 4\nbatchsize: 32\nepoch: 3\nsnapshot-interval: 50\n'
+                    'optimizers:\n  head0: {type: momentum_sgd, lr: 0.01}\n')
+    config = config_from_args(parse_args(['train', '-c', str(path), '-b', '16',
+                                          '--iterations', '100']))
+    assert (config.heads, config.batchsize, config.snapshot_interval) == (4, 16, 50)
+    # A flag for one length replaces the file's other length.
+    assert config.iterations == 100 and config.epoch is None
+    assert config.optimizer_spec('head0') == {'type': 'momentum_sgd', 'lr': 0.01}
+    assert config.optimizer_spec('base') == {'type': 'adam', 'lr': 1e-3}
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('heads: [1\n')
+    with pytest.raises(ConfigError, match='is not valid YAML'):
+        TrainConfig.from_yaml(str(bad))
+    with pytest.raises(ConfigError, match='cannot read config file'):
+        TrainConfig.from_yaml(str(tmp_path / 'missing.yaml'))
+    listing = tmp_path / 'list.yaml'
+    listing.write_text('- 1\n- 2\n')
+    with pytest.raises(ConfigError, match='must be a mapping of option names'):
+        TrainConfig.from_yaml(str(listing))
