@@ -1,0 +1,25 @@
+"""Skips tests marked ``gpu`` on machines without a usable CUDA GPU and CuPy."""
+import pytest
+
+
+def _gpu_reason():
+    try:
+        import cupy
+    except ImportError:
+        return 'CuPy is not installed (pip install ".[gpu]")'
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return 'no CUDA GPU on this machine'
+    except Exception as e:  # no driver
+        return f'no usable CUDA GPU ({type(e).__name__})'
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if 'gpu' in item.keywords]
+    if not gpu_items:
+        return
+    reason = _gpu_reason()
+    if reason:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=f'GPU test: {reason}'))
