@@ -51,20 +51,25 @@ def save_npz(path: str, obj) -> None:
         raise
 
 
-def load_npz(path: str, obj, strict: bool = True) -> None:
-    """Loads ``path`` into ``obj`` without ever unpickling; raises CheckpointError on bad files."""
+def load_npz(path: str, obj, strict: bool = True, ignore_names=None) -> None:
+    """Loads ``path`` into ``obj`` without ever unpickling; raises CheckpointError on bad files.
+
+    ``ignore_names``: keys (or predicates on keys) to leave as they are in ``obj``.
+    """
     try:
         with np.load(path, allow_pickle=False) as npz:
-            NpzDeserializer(npz, strict=strict).load(obj)
+            NpzDeserializer(npz, strict=strict, ignore_names=ignore_names).load(obj)
     except FileNotFoundError:
-        raise CheckpointError(f'checkpoint {path!r} does not exist') from None
+        raise CheckpointError(f'checkpoint {path!r} does not exist', collective=True) from None
     except ValueError as e:
         if 'allow_pickle' in str(e):
             raise CheckpointError(f'{path!r} contains pickled Python objects; distmulti never '
-                                  f'loads pickles (they can run code), so it is refused') from None
-        raise CheckpointError(f'{path!r} does not fit this model/run: {e}') from None
+                                  f'loads pickles (they can run code), so it is refused', collective=True) from None
+        raise CheckpointError(f'{path!r} does not fit this model/run: {e}',
+                              collective=True) from None
     except KeyError as e:
-        raise CheckpointError(f'{path!r} does not fit this model/run: missing entry {e}') from None
+        raise CheckpointError(f'{path!r} does not fit this model/run: missing entry {e}',
+                              collective=True) from None
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(f'{path!r} is not a readable .npz checkpoint '
-                              f'(truncated or corrupted?): {e}') from None
+                              f'(truncated or corrupted?): {e}', collective=True) from None

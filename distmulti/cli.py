@@ -3,12 +3,16 @@
 Each step is a plain function, so tests call ``main([...])`` in-process.
 """
 import argparse
+import os
+import shlex
+import subprocess
 import sys
+import traceback
 from typing import List, Optional
 
 from distmulti._version import __version__
-from distmulti.config import BACKWARD_MODES, TrainConfig
-from distmulti.errors import DistmultiError, NonFiniteLossError
+from distmulti.config import BACKWARD_MODES, COMMUNICATORS, GRAD_SYNC_MODES, TrainConfig
+from distmulti.errors import ConfigError, DistmultiError, NonFiniteLossError
 
 
 def _int_list(text: str) -> List[int]:
@@ -52,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--backward', choices=BACKWARD_MODES,
                    help='fused: one backward of the weighted sum (default); per_loss: one '
                         'backward per head, as hand-written updaters do (same gradients)')
+    t.add_argument('--grad-sync', choices=GRAD_SYNC_MODES,
+                   help='with several ranks: net = one packed all-reduce of all gradients '
+                        '(default); optimizers = ChainerMN multi-node optimizer per part')
+    t.add_argument('--communicator', choices=COMMUNICATORS,
+                   help='ChainerMN communicator (default auto: pure_nccl on GPUs, naive on CPU)')
     t.add_argument('--seed', type=int, help='random seed of data, init and shuffling (default 0)')
     t.add_argument('--out', '-o', help='output directory (default result)')
     t.add_argument('--resume', '-r', metavar='SNAPSHOT', help='snapshot file to resume from')
@@ -67,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--no-plot', dest='plot', action='store_false', default=None,
                    help='no PNG plots')
     t.set_defaults(func=run_train)
+
+    la = sub.add_parser('launch', help='run `distmulti train` on N ranks through mpiexec',
+                        description='Builds and runs the mpiexec command for N ranks. '
+                                    'Arguments after -- go to `distmulti train`.')
+    la.add_argument('-n', '--nprocs', type=int, required=True, help='number of ranks')
+    la.add_argument('--hostfile', help='MPI hostfile (Open MPI or MPICH format)')
+    la.add_argument('--mpiexec', help='mpiexec to use (default: beside this Python, else PATH)')
+    la.add_argument('--mpi-arg', action='append', default=[], metavar='ARG',
+                    help='extra argument for mpiexec (repeatable), e.g. --mpi-arg=--bind-to '
+                         '--mpi-arg=none')
+    la.add_argument('--dry-run', action='store_true', help='print the command, run nothing')
+    la.add_argument('train_args', nargs=argparse.REMAINDER,
+                    help='-- then arguments for distmulti train')
+    la.set_defaults(func=run_launch)
     return parser
 
 
@@ -88,16 +111,67 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_launch(args: argparse.Namespace) -> int:
+    from distmulti import launcher
+    train_args = list(args.train_args)
+    if train_args[:1] == ['--']:
+        train_args = train_args[1:]
+    if args.nprocs < 1:
+        raise ConfigError(f'-n must be at least 1, got {args.nprocs}')
+    if args.hostfile and not os.path.isfile(args.hostfile):
+        raise ConfigError(f'hostfile {args.hostfile!r} does not exist')
+    config_from_args(parse_args(['train'] + train_args))  # fail here, not on N ranks
+    mpiexec = launcher.find_mpiexec(args.mpiexec)
+    cpu_count = os.cpu_count() or 1
+    env = launcher.launch_env(os.environ, args.nprocs, args.hostfile, cpu_count)
+    argv = launcher.build_mpiexec_argv(
+        mpiexec=mpiexec, flavor=launcher.detect_flavor(mpiexec), nprocs=args.nprocs,
+        train_args=train_args, python=sys.executable, hostfile=args.hostfile,
+        as_root=hasattr(os, 'geteuid') and os.geteuid() == 0, cpu_count=cpu_count,
+        env_names=launcher.forwarded_env(env), mpi_args=args.mpi_arg)
+    if args.dry_run:
+        print(shlex.join(argv))
+        return 0
+    print(f'distmulti: launching {args.nprocs} ranks: {shlex.join(argv)}', file=sys.stderr,
+          flush=True)
+    return subprocess.call(argv, env=env)
+
+
+def _fail(message: str, code: int, collective: bool) -> int:
+    """Prints one error line; in a multi-rank run, ends the job consistently.
+
+    An error that every rank raised at the same point (``collective``) lets all ranks print
+    it, meet at a barrier and exit; an error on some ranks only aborts the MPI job, so that
+    no rank waits forever in a collective.
+    """
+    from distmulti.comm import current_world
+    world = current_world()
+    several = world is not None and world.size > 1
+    where = f' (rank {world.rank})' if several else ''
+    print(f'distmulti: error{where}: {message}', file=sys.stderr, flush=True)
+    if several:
+        if collective:
+            world.mpi.Barrier()
+        else:
+            world.abort(code)
+    return code
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
         return args.func(args)
-    except NonFiniteLossError as e:
-        print(f'distmulti: error: {e}', file=sys.stderr)
-        return 1
     except DistmultiError as e:
-        print(f'distmulti: error: {e}', file=sys.stderr)
-        return 2
+        return _fail(str(e), 1 if isinstance(e, NonFiniteLossError) else 2, e.collective)
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        from distmulti.comm import current_world
+        world = current_world()
+        if world is not None and world.size > 1:
+            traceback.print_exc()
+            world.abort(1)
+        raise
 
 
 if __name__ == '__main__':

@@ -1,14 +1,27 @@
-"""Process-group and device helpers.
+"""Process groups and devices: who am I, how many are we, which device is mine.
 
-``LocalComm`` is the single-process world (no MPI). The distributed layer provides the same
-small interface (rank, size, intra_rank, allreduce_sum) over a ChainerMN communicator, so the
-updater, evaluator and trainer do not care which one they run on.
+``LocalComm`` is the single-process world (no MPI). ``MPIComm`` wraps a ChainerMN communicator
+on MPI.COMM_WORLD. Both offer the same small interface (rank, size, intra_rank,
+allreduce_sum, allgather_obj, bcast_data, mean_grads, abort), so the updater, evaluator and
+trainer never ask which one they run on. ``create_world`` picks one; rank arithmetic stays in
+pure functions here, communication in the thin methods.
 """
+import os
+import sys
+from typing import Any, Callable, List, Mapping, Optional
+
 import numpy as np
 
 import chainer
 
-from distmulti.errors import DeviceError
+from distmulti.config import COMMUNICATORS
+from distmulti.errors import ConfigError, DeviceError
+
+GPU_COMMUNICATORS = ('pure_nccl', 'flat', 'non_cuda_aware')
+# Set by the launchers of Open MPI, MPICH/Hydra, PMIx (srun --mpi=pmix) and PMI-2 (srun).
+MPI_ENV_VARS = ('OMPI_COMM_WORLD_SIZE', 'PMIX_RANK', 'PMI_SIZE', 'PMI_RANK', 'MPI_LOCALNRANKS')
+
+_world = None
 
 
 class LocalComm:
@@ -26,6 +39,151 @@ class LocalComm:
     def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
         """Element-wise sum over ranks of a small host (numpy) array."""
         return np.asarray(array)
+
+    def allgather_obj(self, obj: Any) -> List[Any]:
+        return [obj]
+
+    def bcast_data(self, link: chainer.Link) -> None:
+        pass
+
+    def mean_grads(self, link: chainer.Link) -> None:
+        pass
+
+    def abort(self, code: int) -> None:
+        sys.exit(code)
+
+
+class MPIComm(LocalComm):
+    """All ranks of MPI.COMM_WORLD, through a ChainerMN communicator."""
+
+    def __init__(self, mn_comm):
+        self.mn = mn_comm
+        self.mpi = mn_comm.mpi_comm
+        self.rank, self.size, self.intra_rank = mn_comm.rank, mn_comm.size, mn_comm.intra_rank
+        self.name = type(mn_comm).__name__
+
+    def allreduce_sum(self, array: np.ndarray) -> np.ndarray:
+        from mpi4py import MPI
+        send = np.ascontiguousarray(array, dtype=np.float64)
+        recv = np.empty_like(send)
+        self.mpi.Allreduce(send, recv, op=MPI.SUM)
+        return recv
+
+    def allgather_obj(self, obj: Any) -> List[Any]:
+        return self.mpi.allgather(obj)
+
+    def bcast_data(self, link: chainer.Link) -> None:
+        """Makes every rank's parameters equal to rank 0's."""
+        self.mn.bcast_data(link)
+
+    def mean_grads(self, link: chainer.Link) -> None:
+        """Averages every gradient of ``link`` over ranks in one collective.
+
+        Missing gradients count as zeros (zero_fill), so every rank sends the same elements.
+        On the CPU the gradients are packed into one buffer for a single MPI Allreduce (the
+        naive communicator would issue one per parameter array); GPU communicators pack by
+        themselves.
+        """
+        params = [p for _, p in sorted(link.namedparams())]
+        if not params or chainer.backend.get_array_module(params[0].array) is not np:
+            self.mn.multi_node_mean_grad(link, zero_fill=True)
+            return
+        from mpi4py import MPI
+        sizes = [p.size for p in params]
+        buf = np.empty(sum(sizes), dtype=np.float32)
+        offset = 0
+        for p, n in zip(params, sizes):
+            buf[offset:offset + n] = 0 if p.grad is None else p.grad.ravel()
+            offset += n
+        self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        buf *= np.float32(1.0 / self.size)
+        offset = 0
+        for p, n in zip(params, sizes):
+            p.grad = buf[offset:offset + n].reshape(p.shape).astype(p.dtype, copy=True)
+            offset += n
+
+    def abort(self, code: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.mpi.Abort(code)
+
+
+def launched_by_mpi(environ: Mapping[str, str]) -> bool:
+    """True when a process manager (mpiexec, srun) started this process as an MPI rank."""
+    return any(key in environ for key in MPI_ENV_VARS)
+
+
+def choose_communicator(name: str, on_gpu: bool) -> str:
+    """The ChainerMN communicator for ``name`` (``auto``: pure_nccl with GPUs, else naive)."""
+    if name not in COMMUNICATORS:
+        raise ConfigError(f'communicator must be one of {", ".join(COMMUNICATORS)}, '
+                          f'got {name!r}')
+    if name == 'auto':
+        return 'pure_nccl' if on_gpu else 'naive'
+    if name in GPU_COMMUNICATORS and not on_gpu:
+        raise ConfigError(f'communicator {name!r} needs GPUs, but this run is on the CPU '
+                          f'(--device {"-1"}); use naive, or a GPU device (--device @cupy:0)')
+    return name
+
+
+def create_world(communicator: str = 'auto', on_gpu: bool = False,
+                 log: Optional[Callable[[str], None]] = None,
+                 environ: Optional[Mapping[str, str]] = None) -> LocalComm:
+    """The process group of this run; a single process when not launched by MPI.
+
+    Without mpiexec (or when mpi4py / the MPI library cannot load), training falls back to one
+    process with plain optimizers and says so once through ``log``.
+    """
+    global _world
+    log = log or (lambda msg: None)
+    name = choose_communicator(communicator, on_gpu)
+    environ = os.environ if environ is None else environ
+    if not launched_by_mpi(environ):
+        log('not started by mpiexec/srun: training in a single process')
+        _world = LocalComm()
+        return _world
+    try:
+        from mpi4py import MPI
+        import chainermn
+    except Exception as e:  # ImportError, or the MPI shared library failing to load
+        log(f'MPI could not be loaded ({type(e).__name__}: {e}); training in a single process')
+        _world = LocalComm()
+        return _world
+    if MPI.COMM_WORLD.size == 1:
+        log('MPI world of 1 rank: training in a single process')
+        _world = LocalComm()
+        return _world
+    _world = MPIComm(chainermn.create_communicator(name, MPI.COMM_WORLD))
+    _install_abort_hook()
+    if _world.is_root:
+        log(f'MPI: {_world.size} ranks, {name} communicator')
+    return _world
+
+
+_hook_installed = False
+
+
+def _install_abort_hook() -> None:
+    """An uncaught exception on any rank calls MPI_Abort, so the other ranks never wait for
+    it in a collective (for scripts run as ``python script.py`` rather than under
+    ``python -m mpi4py``)."""
+    global _hook_installed
+    if not _hook_installed:
+        import chainermn.global_except_hook
+        chainermn.global_except_hook.add_hook()
+        _hook_installed = True
+
+
+def current_world() -> Optional[LocalComm]:
+    """The world made by the last ``create_world`` call in this process, if any."""
+    return _world
+
+
+def rank_device_spec(spec: str, world: LocalComm) -> str:
+    """With several ranks, each rank takes the GPU of its intra-node rank."""
+    if spec.startswith('@cupy:') and world.size > 1:
+        return f'@cupy:{world.intra_rank}'
+    return spec
 
 
 def resolve_device(spec: str) -> chainer.backend.Device:

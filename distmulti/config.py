@@ -12,6 +12,8 @@ from distmulti.errors import ConfigError
 
 DEFAULT_EPOCHS = 8
 BACKWARD_MODES = ('fused', 'per_loss')
+GRAD_SYNC_MODES = ('net', 'optimizers')
+COMMUNICATORS = ('auto', 'naive', 'pure_nccl', 'flat', 'non_cuda_aware')
 OPTIMIZER_KEYS = ('type', 'lr')
 _DEVICE_RE = re.compile(r'^@cupy:(\d+)$')
 
@@ -30,6 +32,8 @@ class TrainConfig:
     loss_weights: Optional[List[float]] = None
     freeze: List[int] = dataclasses.field(default_factory=list)
     backward: str = 'fused'
+    grad_sync: str = 'net'
+    communicator: str = 'auto'
     device: str = '@numpy'
     seed: int = 0
     out: str = 'result'
@@ -156,6 +160,12 @@ class TrainConfig:
         if self.backward not in BACKWARD_MODES:
             raise ConfigError(f'backward must be one of {", ".join(BACKWARD_MODES)}, '
                               f'got {self.backward!r}')
+        if self.grad_sync not in GRAD_SYNC_MODES:
+            raise ConfigError(f'grad_sync must be one of {", ".join(GRAD_SYNC_MODES)}, '
+                              f'got {self.grad_sync!r}')
+        if self.communicator not in COMMUNICATORS:
+            raise ConfigError(f'communicator must be one of {", ".join(COMMUNICATORS)}, '
+                              f'got {self.communicator!r}')
         self.device = normalize_device(self.device)
         _check_int('seed', self.seed, minimum=0)
         if not isinstance(self.out, str) or not self.out:

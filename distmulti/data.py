@@ -7,11 +7,11 @@ digit image appears in both splits.
 import gzip
 import importlib.util
 import os
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import NamedTuple, Sequence, Tuple
 
 import numpy as np
 from chainer.datasets import TupleDataset
-from chainer.iterators import SerialIterator
+from chainer.iterators import SerialIterator, _statemachine
 
 from distmulti.errors import DataError
 from distmulti.models import IGNORE_LABEL
@@ -67,15 +67,19 @@ def digit_strips(k: int, n_train: int, n_test: int, seed: int = 0,
 
 
 def check_labels(y: np.ndarray, classes: Sequence[int], where: str) -> None:
-    """Raises DataError unless ``y`` is (N, K) integers in [0, classes_i) or -1 (ignored)."""
+    """Raises DataError unless ``y`` is (N, K) integers in [0, classes_i) or -1 (ignored).
+
+    Every rank checks the same full label array, so the error is collective.
+    """
     y = np.asarray(y)
     k = len(classes)
     if y.ndim != 2 or y.shape[1] != k:
         cols = y.shape[1] if y.ndim == 2 else f'shape {y.shape} instead of (N, K), i.e. no'
         raise DataError(f'{where}: the labels have {cols} columns but the model has {k} '
-                        f'head{"s" if k != 1 else ""}; give one label column per head')
+                        f'head{"s" if k != 1 else ""}; give one label column per head',
+                        collective=True)
     if not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f'{where}: labels must be integers, got dtype {y.dtype}')
+        raise DataError(f'{where}: labels must be integers, got dtype {y.dtype}', collective=True)
     for i, n_classes in enumerate(classes):
         col = y[:, i]
         bad = (col != IGNORE_LABEL) & ((col < 0) | (col >= n_classes))
@@ -83,7 +87,7 @@ def check_labels(y: np.ndarray, classes: Sequence[int], where: str) -> None:
             row = int(np.flatnonzero(bad)[0])
             raise DataError(f'{where}: head{i} label {int(col[row])} at row {row} is outside '
                             f'[0, {n_classes}) ({n_classes} classes); use -1 to ignore a sample '
-                            f'({int(bad.sum())} bad labels in that column)')
+                            f'({int(bad.sum())} bad labels in that column)', collective=True)
 
 
 def labels_of(dataset) -> np.ndarray:
@@ -94,25 +98,26 @@ def labels_of(dataset) -> np.ndarray:
 
 
 class ShuffledIterator(SerialIterator):
-    """A SerialIterator that shuffles with its own seeded generator and saves that
-    generator's state in snapshots, so a resumed run draws the same batches as an
-    uninterrupted one (Chainer's ShuffleOrderSampler does not serialize its state)."""
+    """A SerialIterator whose shuffling is a pure function of its seed and position.
 
-    def __init__(self, dataset, batch_size: int, seed: int, repeat: bool = True,
-                 shuffle: bool = True):
-        self._rng: Optional[np.random.RandomState] = (
-            np.random.RandomState(seed) if shuffle else None)
-        sampler = (lambda order, position: self._rng.permutation(len(order))) if shuffle else None
-        super().__init__(dataset, batch_size, repeat=repeat,
-                         shuffle=None if shuffle else False, order_sampler=sampler)
+    ``seek(n)`` puts it exactly where it would be after ``n`` batches from the start, without
+    reading any example. Resuming uses it instead of restoring an iterator state from the
+    snapshot, so a resumed run draws the same batches as an uninterrupted one, and a run
+    resumed on a different number of ranks gets a consistent position on its new shard.
+    """
 
-    def serialize(self, serializer):
-        super().serialize(serializer)
-        if self._rng is None:
-            return
-        kind, keys, pos, has_gauss, cached = self._rng.get_state()
-        state = serializer('rng_state', np.asarray(keys, dtype=np.uint32))
-        extra = serializer('rng_extra', np.array([pos, has_gauss, cached], dtype=np.float64))
-        if state is not None and extra is not None:
-            self._rng.set_state((kind, np.asarray(state, dtype=np.uint32), int(extra[0]),
-                                 int(extra[1]), float(extra[2])))
+    def __init__(self, dataset, batch_size: int, seed: int, repeat: bool = True):
+        self._seed = seed
+        self._rng = np.random.RandomState(seed)
+        super().__init__(dataset, batch_size, repeat=repeat, shuffle=None,
+                         order_sampler=lambda order, pos: self._rng.permutation(len(order)))
+
+    def seek(self, n_batches: int) -> None:
+        """Moves to the state after ``n_batches`` batches from the beginning."""
+        self._rng = np.random.RandomState(self._seed)
+        self.reset()
+        for _ in range(n_batches):
+            self._previous_epoch_detail = self.epoch_detail
+            self._state, _ = _statemachine.iterator_statemachine(
+                self._state, self.batch_size, self.repeat, self.order_sampler,
+                len(self.dataset))

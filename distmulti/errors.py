@@ -2,7 +2,16 @@
 
 
 class DistmultiError(Exception):
-    """Base of every error that is the user's to fix (bad input, bad config)."""
+    """Base of every error that is the user's to fix (bad input, bad config).
+
+    ``collective=True`` marks an error that every rank of a distributed run raises at the same
+    point (found by a collective check, or by the same check on the same data), so the ranks
+    can all exit cleanly instead of aborting the MPI job.
+    """
+
+    def __init__(self, message: str = '', collective: bool = False):
+        super().__init__(message)
+        self.collective = collective
 
 
 class ConfigError(DistmultiError, ValueError):

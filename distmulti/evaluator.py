@@ -10,12 +10,11 @@ import copy
 import numpy as np
 
 import chainer
-from chainer import backend
 from chainer.dataset import convert
 from chainer.training import extensions
 
 from distmulti.comm import LocalComm
-from distmulti.metrics import accuracies, count_stats
+from distmulti.metrics import Layout, batch_stats, summarize
 
 
 class MultiHeadEvaluator(extensions.Evaluator):
@@ -27,8 +26,7 @@ class MultiHeadEvaluator(extensions.Evaluator):
         super().__init__(iterator, net, converter=converter, device=device)
         self.name = name
         self.comm = comm or LocalComm()
-        self.loss_weights = (np.ones(net.n_heads) if loss_weights is None
-                             else np.asarray(loss_weights, dtype=np.float64))
+        self.loss_weights = [1.0] * net.n_heads if loss_weights is None else list(loss_weights)
 
     def evaluate(self):
         net = self.get_target('main')
@@ -38,26 +36,14 @@ class MultiHeadEvaluator(extensions.Evaluator):
             it = iterator
         else:
             it = copy.copy(iterator)
-        k = net.n_heads
-        totals = np.zeros(3 * k + 2)  # count_stats layout, then loss x labelled per head
+        totals = np.zeros(Layout(net.n_heads).size)
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             for batch in it:
                 x, t = self.converter(batch, self.device)
                 logits = net(x)
-                losses = net.head_losses(logits, t)
-                stats = count_stats(logits, t)
-                xp = backend.get_array_module(t)
-                loss_values = backend.CpuDevice().send(
-                    xp.stack([loss.array for loss in losses])).astype(np.float64)
-                totals[:2 * k + 2] += stats
-                totals[2 * k + 2:] += loss_values * stats[k:2 * k]
+                totals += batch_stats(logits, net.sample_losses(logits, t), t)
+        # The one collective of an evaluation: every rank reaches it once, whatever its shard.
         totals = self.comm.allreduce_sum(totals)
-        stats, loss_sums = totals[:2 * k + 2], totals[2 * k + 2:]
-        prefix = f'{self.name}/main/'
-        head_loss = loss_sums / np.maximum(stats[k:2 * k], 1)
-        result = {f'{prefix}loss': float(np.dot(head_loss, self.loss_weights))}
-        for i in range(k):
-            result[f'{prefix}head{i}/loss'] = float(head_loss[i])
-        result.update(accuracies(stats, k, prefix))
-        result[f'{prefix}samples'] = float(stats[-1])
+        result = summarize(totals, self.loss_weights, f'{self.name}/main/')
+        result[f'{self.name}/main/samples'] = float(totals[-1])
         return result

@@ -80,9 +80,13 @@ class MultiHeadNet(chainer.Chain):
         features = self.base(x)
         return [head(features) for head in self.heads]
 
-    def head_losses(self, logits: Sequence[chainer.Variable], t) -> List[chainer.Variable]:
-        """Softmax cross-entropy of each head on its label column; -1 labels are ignored."""
-        return [F.softmax_cross_entropy(y, t[:, i], ignore_label=IGNORE_LABEL)
+    def sample_losses(self, logits: Sequence[chainer.Variable], t) -> List[chainer.Variable]:
+        """Per-sample softmax cross-entropy of each head on its label column, shape (N,).
+
+        Samples labelled -1 for a head get loss 0 from it. Callers normalise the sums by the
+        number of labelled samples (over all ranks, for exact data-parallel means).
+        """
+        return [F.softmax_cross_entropy(y, t[:, i], ignore_label=IGNORE_LABEL, reduce='no')
                 for i, y in enumerate(logits)]
 
     def initialize(self, x) -> List[int]:

