@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='fused: one backward of the weighted sum (default); per_loss: one '
                         'backward per head, as hand-written updaters do (same gradients)')
     t.add_argument('--grad-sync', choices=GRAD_SYNC_MODES,
-                   help='with several ranks: net = one packed all-reduce of all gradients '
-                        '(default); optimizers = ChainerMN multi-node optimizer per part')
+                   help='with several ranks: optimizers = a ChainerMN multi-node optimizer per '
+                        'part (default); net = one packed all-reduce of all gradients')
     t.add_argument('--communicator', choices=COMMUNICATORS,
                    help='ChainerMN communicator (default auto: pure_nccl on GPUs, naive on CPU)')
     t.add_argument('--seed', type=int, help='random seed of data, init and shuffling (default 0)')

@@ -85,22 +85,19 @@ class MPIComm(LocalComm):
         themselves.
         """
         params = [p for _, p in sorted(link.namedparams())]
-        if not params or chainer.backend.get_array_module(params[0].array) is not np:
+        if not params or any(chainer.backend.get_array_module(p.array) is not np
+                             or p.dtype != np.float32 for p in params):
             self.mn.multi_node_mean_grad(link, zero_fill=True)
             return
         from mpi4py import MPI
-        sizes = [p.size for p in params]
-        buf = np.empty(sum(sizes), dtype=np.float32)
-        offset = 0
-        for p, n in zip(params, sizes):
-            buf[offset:offset + n] = 0 if p.grad is None else p.grad.ravel()
-            offset += n
+        buf = np.concatenate([np.zeros(p.size, np.float32) if p.grad is None else p.grad.ravel()
+                              for p in params])
         self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         buf *= np.float32(1.0 / self.size)
         offset = 0
-        for p, n in zip(params, sizes):
-            p.grad = buf[offset:offset + n].reshape(p.shape).astype(p.dtype, copy=True)
-            offset += n
+        for p in params:  # views into the reduced buffer: no copy back
+            p.grad = buf[offset:offset + p.size].reshape(p.shape)
+            offset += p.size
 
     def abort(self, code: int) -> None:
         sys.stdout.flush()

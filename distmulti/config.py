@@ -32,7 +32,7 @@ class TrainConfig:
     loss_weights: Optional[List[float]] = None
     freeze: List[int] = dataclasses.field(default_factory=list)
     backward: str = 'fused'
-    grad_sync: str = 'net'
+    grad_sync: str = 'optimizers'
     communicator: str = 'auto'
     device: str = '@numpy'
     seed: int = 0

@@ -46,13 +46,15 @@ class MultiHeadUpdater(StandardUpdater):
             their losses still train the base unless their weight is 0.
         comm: the process group (default: one process). With several ranks the constructor
             is collective: it broadcasts rank 0's parameters.
-        grad_sync: how gradients are averaged over ranks, ``'net'`` or ``'optimizers'``.
+        grad_sync: how gradients are averaged over ranks: ``'optimizers'`` (default; each
+            optimizer wrapped by ``chainermn.create_multi_node_optimizer``) or ``'net'``
+            (one packed all-reduce of all gradients, then the plain optimizers).
         converter, device: as for ``StandardUpdater``.
     """
 
     def __init__(self, iterator, net: MultiHeadNet, optimizers: Dict[str, chainer.Optimizer],
                  loss_weights: Optional[Sequence[float]] = None, backward: str = 'fused',
-                 frozen: Sequence[int] = (), comm=None, grad_sync: str = 'net',
+                 frozen: Sequence[int] = (), comm=None, grad_sync: str = 'optimizers',
                  converter=convert.concat_examples, device=None):
         _check_optimizers(net, optimizers)
         if backward not in BACKWARD_MODES:
