@@ -1,12 +1,19 @@
-"""Saving and loading parameters and snapshots: atomic, reproducible, and without pickles.
+"""Saving and loading parameters and checkpoints: atomic, reproducible, checked, pickle-free.
 
 ``save_npz`` writes a standard ``.npz`` (readable by ``numpy.load`` and Chainer's ``load_npz``)
 with fixed zip timestamps, so the same parameters always give the same bytes. ``load_npz``
 reads with ``allow_pickle=False``: a file that carries pickled objects is refused instead of
 executed (Chainer's own ``load_npz`` allows pickles).
+
+Training checkpoints are ``checkpoint_iter_N.npz`` plus a manifest ``checkpoint_iter_N.json``
+(checksum, size, config hash, world size), written in that order; the newest K are kept.
 """
+import contextlib
+import hashlib
+import json
 import os
 import tempfile
+import time
 import zipfile
 
 import numpy as np
@@ -58,6 +65,7 @@ def load_npz(path: str, obj, strict: bool = True, ignore_names=None) -> None:
     """
     try:
         with np.load(path, allow_pickle=False) as npz:
+            _refuse_object_arrays(path, npz)
             NpzDeserializer(npz, strict=strict, ignore_names=ignore_names).load(obj)
     except FileNotFoundError:
         raise CheckpointError(f'checkpoint {path!r} does not exist', collective=True) from None
@@ -73,3 +81,184 @@ def load_npz(path: str, obj, strict: bool = True, ignore_names=None) -> None:
     except (zipfile.BadZipFile, OSError, EOFError) as e:
         raise CheckpointError(f'{path!r} is not a readable .npz checkpoint '
                               f'(truncated or corrupted?): {e}', collective=True) from None
+
+
+def _refuse_object_arrays(path: str, npz) -> None:
+    """Refuses a file with any pickled member, even one the loader would not read."""
+    for name in npz.zip.namelist():
+        with npz.zip.open(name) as member:
+            version = np.lib.format.read_magic(member)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            _, _, dtype = read_header(member)
+        if dtype.hasobject:
+            raise CheckpointError(f'{path!r} contains pickled Python objects (in {name!r}); '
+                                  f'distmulti never loads pickles (they can run code), so it '
+                                  f'is refused', collective=True)
+
+
+# -- training checkpoints: file + manifest, rotation, integrity -------------------------------
+
+CHECKPOINT_PREFIX = 'checkpoint_iter_'
+MANIFEST_VERSION = 1
+# Options that may change between a run and its resumption without changing what is trained.
+RESUME_FREE_KEYS = frozenset({'out', 'resume', 'epoch', 'iterations', 'progress', 'plot',
+                              'checkpoint_interval', 'keep_checkpoints', 'eval_interval',
+                              'hang_timeout'})
+
+
+def checkpoint_paths(out: str, iteration: int):
+    """(checkpoint file, manifest file) of the checkpoint at ``iteration`` in ``out``."""
+    base = os.path.join(out, f'{CHECKPOINT_PREFIX}{iteration}')
+    return base + '.npz', base + '.json'
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def config_hash(config_dict: dict) -> str:
+    """Hash of the options that define what is trained (not where or for how long)."""
+    relevant = {k: v for k, v in config_dict.items() if k not in RESUME_FREE_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def write_checkpoint(out: str, iteration: int, target, manifest: dict, keep: int) -> str:
+    """Writes checkpoint file then manifest (each atomically) and keeps the newest ``keep``.
+
+    A checkpoint counts only once its manifest exists, so a crash between the two leaves the
+    previous checkpoint as the newest valid one.
+    """
+    path, manifest_path = checkpoint_paths(out, iteration)
+    save_npz(path, target)
+    record = dict(manifest, version=MANIFEST_VERSION, iteration=iteration,
+                  file=os.path.basename(path), sha256=file_sha256(path),
+                  bytes=os.path.getsize(path), written_at=time.time())
+    _write_text_atomic(manifest_path, json.dumps(record, indent=2, sort_keys=True))
+    for old in list_checkpoints(out)[keep:]:
+        for stale in checkpoint_paths(out, old):
+            if os.path.exists(stale):
+                os.unlink(stale)
+    return path
+
+
+def list_checkpoints(out: str):
+    """Iterations that have a checkpoint file or manifest in ``out``, newest first."""
+    found = set()
+    if os.path.isdir(out):
+        for name in os.listdir(out):
+            stem, ext = os.path.splitext(name)
+            if name.startswith(CHECKPOINT_PREFIX) and ext in ('.npz', '.json'):
+                suffix = stem[len(CHECKPOINT_PREFIX):]
+                if suffix.isdigit():
+                    found.add(int(suffix))
+    return sorted(found, reverse=True)
+
+
+def verify_checkpoint(out: str, iteration: int) -> dict:
+    """Returns the manifest of a checkpoint whose file matches it; raises CheckpointError."""
+    path, manifest_path = checkpoint_paths(out, iteration)
+    try:
+        with open(manifest_path, encoding='utf-8') as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f'{path} has no manifest (its write did not finish)') from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f'manifest {manifest_path} is unreadable: {e}') from None
+    if not os.path.exists(path):
+        raise CheckpointError(f'{path} is missing')
+    size = os.path.getsize(path)
+    if size != manifest.get('bytes'):
+        raise CheckpointError(f'{path} has {size} bytes, its manifest says '
+                              f'{manifest.get("bytes")} (truncated?)')
+    if file_sha256(path) != manifest.get('sha256'):
+        raise CheckpointError(f'{path} does not match the checksum in its manifest (corrupted)')
+    return manifest
+
+
+def newest_valid_checkpoint(out: str, log):
+    """(path, manifest) of the newest checkpoint that passes its integrity check, or None.
+
+    Each newer one that fails is reported through ``log`` in one line and skipped.
+    """
+    for iteration in list_checkpoints(out):
+        try:
+            manifest = verify_checkpoint(out, iteration)
+        except CheckpointError as e:
+            log(f'skipping checkpoint at iteration {iteration}: {e}')
+            continue
+        return checkpoint_paths(out, iteration)[0], manifest
+    return None
+
+
+class Checkpointer(chainer.training.Extension):
+    """Trainer extension: a checkpoint every ``interval`` iterations and at the last one.
+
+    Collective: every rank's numpy random state is gathered, then rank 0 writes the whole
+    trainer (parameters, every optimizer's state, iteration and epoch, stop trigger, the
+    extensions' state, the random states) with a manifest. On resume each rank gets its own
+    random state back when the world size is unchanged.
+    """
+
+    name = 'Checkpointer'
+    trigger = (1, 'iteration')
+    priority = chainer.training.PRIORITY_READER
+
+    def __init__(self, world, out: str, interval: int, keep: int, is_last, manifest: dict,
+                 pause=None):
+        self.world, self.out, self.interval, self.keep = world, out, interval, keep
+        self.is_last = is_last
+        self.manifest = manifest
+        self.pause = pause or contextlib.nullcontext
+        self._rng_states = None
+
+    def __call__(self, trainer):
+        updater = trainer.updater
+        if updater.iteration % self.interval == 0 or self.is_last(updater):
+            self.write(trainer)
+
+    def write(self, trainer) -> None:
+        states = self.world.allgather_obj(np.random.get_state())
+        if not self.world.is_root:
+            return
+        self._rng_states = states
+        try:
+            with self.pause():
+                write_checkpoint(self.out, trainer.updater.iteration, trainer,
+                                 dict(self.manifest, world_size=self.world.size,
+                                      epoch_detail=trainer.updater.epoch_detail), self.keep)
+        finally:
+            self._rng_states = None
+
+    def serialize(self, serializer):
+        if isinstance(serializer, chainer.serializer.Serializer):
+            for rank, (_, keys, pos, has_gauss, cached) in enumerate(self._rng_states or ()):
+                serializer(f'rng/{rank}/keys', np.asarray(keys, dtype=np.uint32))
+                serializer(f'rng/{rank}/state', np.array([pos, has_gauss, cached], np.float64))
+            return
+        try:
+            keys = serializer(f'rng/{self.world.rank}/keys', None)
+            state = serializer(f'rng/{self.world.rank}/state', None)
+        except KeyError:  # written by fewer ranks: this rank keeps its seeded state
+            return
+        np.random.set_state(('MT19937', np.asarray(keys, dtype=np.uint32), int(state[0]),
+                             int(state[1]), float(state[2])))
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, 'w', encoding='utf-8') as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -5,7 +5,6 @@ Each step is a plain function, so tests call ``main([...])`` in-process.
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 import traceback
 from typing import List, Optional
@@ -63,10 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help='ChainerMN communicator (default auto: pure_nccl on GPUs, naive on CPU)')
     t.add_argument('--seed', type=int, help='random seed of data, init and shuffling (default 0)')
     t.add_argument('--out', '-o', help='output directory (default result)')
-    t.add_argument('--resume', '-r', metavar='SNAPSHOT', help='snapshot file to resume from')
-    t.add_argument('--snapshot-interval', type=int, metavar='N',
-                   help='write a snapshot every N iterations (default 200)')
-    t.add_argument('--keep-snapshots', type=int, metavar='K', help='snapshots kept (default 3)')
+    t.add_argument('--resume', '-r', metavar='CHECKPOINT',
+                   help='checkpoint file to resume from, or auto: the newest valid one in --out '
+                        '(none: start fresh)')
+    t.add_argument('--checkpoint-interval', type=int, metavar='N',
+                   help='write a checkpoint every N iterations and at the end (default 200)')
+    t.add_argument('--keep-checkpoints', type=int, metavar='K',
+                   help='checkpoints kept (default 3)')
+    t.add_argument('--hang-timeout', type=float, metavar='SECONDS',
+                   help='abort the job when no iteration completes on a rank for this long '
+                        '(default: no watchdog)')
     t.add_argument('--eval-interval', type=int, metavar='N',
                    help='evaluate and log every N iterations (default: every epoch)')
     t.add_argument('--train-size', type=int, help='embedded training strips (default 6000)')
@@ -86,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument('--mpi-arg', action='append', default=[], metavar='ARG',
                     help='extra argument for mpiexec (repeatable), e.g. --mpi-arg=--bind-to '
                          '--mpi-arg=none')
+    la.add_argument('--max-restarts', type=int, default=0, metavar='R',
+                    help='restart the whole job from the newest checkpoint up to R times when '
+                         'it fails (default 0)')
     la.add_argument('--dry-run', action='store_true', help='print the command, run nothing')
     la.add_argument('train_args', nargs=argparse.REMAINDER,
                     help='-- then arguments for distmulti train')
@@ -118,23 +126,33 @@ def run_launch(args: argparse.Namespace) -> int:
         train_args = train_args[1:]
     if args.nprocs < 1:
         raise ConfigError(f'-n must be at least 1, got {args.nprocs}')
+    if args.max_restarts < 0:
+        raise ConfigError(f'--max-restarts must be >= 0, got {args.max_restarts}')
     if args.hostfile and not os.path.isfile(args.hostfile):
         raise ConfigError(f'hostfile {args.hostfile!r} does not exist')
-    config_from_args(parse_args(['train'] + train_args))  # fail here, not on N ranks
+    config = config_from_args(parse_args(['train'] + train_args))  # fail here, not on N ranks
     mpiexec = launcher.find_mpiexec(args.mpiexec)
     cpu_count = os.cpu_count() or 1
     env = launcher.launch_env(os.environ, args.nprocs, args.hostfile, cpu_count)
-    argv = launcher.build_mpiexec_argv(
-        mpiexec=mpiexec, flavor=launcher.detect_flavor(mpiexec), nprocs=args.nprocs,
-        train_args=train_args, python=sys.executable, hostfile=args.hostfile,
-        as_root=hasattr(os, 'geteuid') and os.geteuid() == 0, cpu_count=cpu_count,
-        env_names=launcher.forwarded_env(env), mpi_args=args.mpi_arg)
+    flavor = launcher.detect_flavor(mpiexec)
+
+    def command(train_args):
+        return launcher.build_mpiexec_argv(
+            mpiexec=mpiexec, flavor=flavor, nprocs=args.nprocs, train_args=train_args,
+            python=sys.executable, hostfile=args.hostfile,
+            as_root=hasattr(os, 'geteuid') and os.geteuid() == 0, cpu_count=cpu_count,
+            env_names=launcher.forwarded_env(dict(env, DISTMULTI_RUN_ID='')),
+            mpi_args=args.mpi_arg)
+
     if args.dry_run:
-        print(shlex.join(argv))
+        print(shlex.join(command(train_args)))
         return 0
-    print(f'distmulti: launching {args.nprocs} ranks: {shlex.join(argv)}', file=sys.stderr,
-          flush=True)
-    return subprocess.call(argv, env=env)
+    return launcher.supervise(command, train_args, env, config.out, args.nprocs,
+                              args.max_restarts, log=_stderr_log)
+
+
+def _stderr_log(message: str) -> None:
+    print(f'distmulti: {message}', file=sys.stderr, flush=True)
 
 
 def _fail(message: str, code: int, collective: bool) -> int:

@@ -1,7 +1,7 @@
 """TrainConfig: the one place where training options, their defaults and their checks live.
 
 A config comes from defaults, then a YAML file, then command-line flags (later wins).
-YAML keys are the long flag names with ``_`` or ``-`` (``batchsize``, ``snapshot_interval``).
+YAML keys are the long flag names with ``_`` or ``-`` (``batchsize``, ``checkpoint_interval``).
 """
 import dataclasses
 import difflib
@@ -38,8 +38,9 @@ class TrainConfig:
     seed: int = 0
     out: str = 'result'
     resume: Optional[str] = None
-    snapshot_interval: int = 200
-    keep_snapshots: int = 3
+    checkpoint_interval: int = 200
+    keep_checkpoints: int = 3
+    hang_timeout: Optional[float] = None
     eval_interval: Optional[int] = None
     train_size: int = 6000
     test_size: int = 1000
@@ -171,9 +172,11 @@ class TrainConfig:
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError(f'out must be a directory path, got {self.out!r}')
         if self.resume is not None and not isinstance(self.resume, str):
-            raise ConfigError(f'resume must be a snapshot file path, got {self.resume!r}')
-        _check_int('snapshot_interval', self.snapshot_interval, minimum=1)
-        _check_int('keep_snapshots', self.keep_snapshots, minimum=1)
+            raise ConfigError(f'resume must be a checkpoint file path or auto, got {self.resume!r}')
+        _check_int('checkpoint_interval', self.checkpoint_interval, minimum=1)
+        _check_int('keep_checkpoints', self.keep_checkpoints, minimum=1)
+        if self.hang_timeout is not None:
+            _check_number('hang_timeout', self.hang_timeout, positive=True)
         if self.eval_interval is not None:
             _check_int('eval_interval', self.eval_interval, minimum=1)
         _check_int('train_size', self.train_size, minimum=1)

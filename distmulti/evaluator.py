@@ -27,6 +27,7 @@ class MultiHeadEvaluator(extensions.Evaluator):
         self.name = name
         self.comm = comm or LocalComm()
         self.loss_weights = [1.0] * net.n_heads if loss_weights is None else list(loss_weights)
+        self.heartbeat = None  # called after every batch (see distmulti.watchdog)
 
     def evaluate(self):
         net = self.get_target('main')
@@ -42,6 +43,8 @@ class MultiHeadEvaluator(extensions.Evaluator):
                 x, t = self.converter(batch, self.device)
                 logits = net(x)
                 totals += batch_stats(logits, net.sample_losses(logits, t), t)
+                if self.heartbeat is not None:
+                    self.heartbeat()
         # The one collective of an evaluation: every rank reaches it once, whatever its shard.
         totals = self.comm.allreduce_sum(totals)
         result = summarize(totals, self.loss_weights, f'{self.name}/main/')

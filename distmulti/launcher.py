@@ -1,14 +1,17 @@
-"""Building the mpiexec command line for ``distmulti launch``: pure functions, argv lists.
+"""``distmulti launch``: the mpiexec command line (pure functions, argv lists) and the
+supervisor that runs it, judges success by the completion marker and restarts failed jobs.
 
 The command starts every rank as ``python -m mpi4py -m distmulti train ...``: mpi4py's runner
 turns an uncaught exception on any rank into MPI_Abort, so one failing rank ends the job
 instead of leaving the others waiting in a collective.
 """
+import json
 import os
 import shutil
 import subprocess
 import sys
-from typing import Dict, List, Mapping, Optional, Sequence
+import uuid
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from distmulti.errors import ConfigError
 
@@ -98,3 +101,67 @@ def launch_env(environ: Mapping[str, str], nprocs: int, hostfile: Optional[str],
     if 'OMP_NUM_THREADS' not in env and not hostfile:
         env['OMP_NUM_THREADS'] = str(max(1, cpu_count // nprocs))
     return env
+
+
+def completed(out: str, run_id: str) -> bool:
+    """True when ``out/result.json`` exists and was written by the run ``run_id``.
+
+    Never judged by mpiexec's exit status alone: Open MPI can exit 0 after losing a host.
+    """
+    try:
+        with open(os.path.join(out, 'result.json'), encoding='utf-8') as f:
+            return json.load(f).get('run_id') == run_id
+    except (OSError, ValueError):
+        return False
+
+
+def restart_args(train_args: Sequence[str]) -> List[str]:
+    """``train_args`` with any --resume replaced by ``--resume auto``."""
+    out, skip = [], False
+    for arg in train_args:
+        if skip:
+            skip = False
+            continue
+        if arg in ('--resume', '-r'):
+            skip = True
+            continue
+        if arg.startswith('--resume='):
+            continue
+        out.append(arg)
+    return out + ['--resume', 'auto']
+
+
+def supervise(command: Callable[[List[str]], List[str]], train_args: Sequence[str],
+              env: Mapping[str, str], out: str, nprocs: int, max_restarts: int,
+              log: Callable[[str], None], run=subprocess.call) -> int:
+    """Runs the job; while it fails and restarts remain, reruns it from the newest checkpoint.
+
+    Returns 0 once a run's completion marker is there, else the last non-zero status (1 when
+    mpiexec said 0 without a marker).
+    """
+    attempts = max_restarts + 1
+    args = list(train_args)
+    for attempt in range(1, attempts + 1):
+        run_id = uuid.uuid4().hex
+        argv = command(args)
+        log(f'launching {nprocs} ranks (attempt {attempt}/{attempts}): '
+            f'{" ".join(argv)}')
+        code = run(argv, env=dict(env, DISTMULTI_RUN_ID=run_id))
+        if completed(out, run_id):
+            if code != 0:
+                log(f'mpiexec exited with status {code} after the run completed '
+                    f'({os.path.join(out, "result.json")} is there)')
+            return 0
+        status = code if code != 0 else 1
+        reason = (f'mpiexec exited with status {code}' if code != 0 else
+                  'mpiexec exited with status 0 but the run wrote no result.json (a rank or '
+                  'host was lost)')
+        if attempt == attempts:
+            log(f'job failed: {reason}; giving up after {max_restarts} restart(s)'
+                + ('' if max_restarts else ' (use --max-restarts R to restart from the newest '
+                                           'checkpoint)'))
+            return status
+        log(f'job failed: {reason}; restart {attempt}/{max_restarts} from the newest '
+            f'checkpoint in {out}')
+        args = restart_args(train_args)
+    return 1  # not reached

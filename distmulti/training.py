@@ -2,7 +2,7 @@
 
 ``train(config)`` is what ``distmulti train`` runs, in one process or under mpiexec; it also
 takes user objects (a network, datasets) from Python. Rank 0 alone writes logs, plots,
-snapshots, ``model.npz`` and then ``result.json``, the marker that the run completed.
+checkpoints, ``model.npz`` and then ``result.json``, the marker that the run completed.
 """
 import dataclasses
 import json
@@ -21,6 +21,7 @@ from chainer.training import extensions
 from distmulti import checkpoint
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
+from distmulti.watchdog import Watchdog
 from distmulti.config import TrainConfig
 from distmulti.data import ShuffledIterator, check_labels, digit_strips, labels_of
 from distmulti.errors import CheckpointError, ConfigError, DataError
@@ -31,7 +32,6 @@ from distmulti.updater import MultiHeadUpdater
 
 RESULT_FILE = 'result.json'
 MODEL_FILE = 'model.npz'
-SNAPSHOT_PATTERN = 'snapshot_iter_{.updater.iteration}.npz'
 EVAL_BATCHSIZE = 500
 # Iterator positions are recomputed from the iteration count on resume (see ShuffledIterator).
 _ITERATOR_KEYS = 'updater/iterator:'
@@ -115,22 +115,33 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=No
     trainer = training.Trainer(updater, config.stop_trigger, out=config.out)
     evaluator = MultiHeadEvaluator(test_iter, net, loss_weights=config.weights,
                                    device=device, comm=world)
-    _add_extensions(trainer, evaluator, config, len(train_data), world)
+    watchdog = None
+    if config.hang_timeout:
+        watchdog = Watchdog(config.hang_timeout, world.rank, on_fire=_abort_job(world), log=log)
+        updater.heartbeat = watchdog.beat
+        evaluator.heartbeat = watchdog.beat
+    _add_extensions(trainer, evaluator, config, len(train_data), world, watchdog)
 
     if config.resume:
-        _resume(trainer, updater, train_iter, config.resume, world, root_log)  # collective
+        _resume(trainer, updater, train_iter, config, world, root_log)  # collective
 
+    if watchdog is not None:
+        watchdog.start()
     start = time.perf_counter()
-    trainer.run(show_loop_exception_msg=False)
+    try:
+        trainer.run(show_loop_exception_msg=False)
+        final = evaluator.evaluate()                                    # collective
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     wall = time.perf_counter() - start
-
-    final = evaluator.evaluate()                                        # collective
     prefix = 'validation/main/'
     result = {
         'test': {key[len(prefix):]: value for key, value in final.items()},
         'iterations': updater.iteration,
         'epoch_detail': updater.epoch_detail,
         'wall_time_s': wall,
+        'run_id': os.environ.get('DISTMULTI_RUN_ID'),
         'world_size': world.size,
         'global_batchsize': config.batchsize * world.size,
         'version': __version__,
@@ -163,9 +174,26 @@ def _check_same_run(world, config: TrainConfig) -> None:
                           f'; start every rank with the same arguments', collective=True)
 
 
-def _resume(trainer, updater, train_iter, path: str, world, log) -> None:
-    found = world.allgather_obj(os.path.isfile(path))
-    missing = [rank for rank, ok in enumerate(found) if not ok]
+def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> None:
+    """Loads ``config.resume`` (a file, or ``auto``: the newest valid checkpoint) on every rank."""
+    path = config.resume
+    if path == 'auto':
+        found = None
+        if world.is_root:
+            found = checkpoint.newest_valid_checkpoint(config.out, log)
+        found = world.allgather_obj(found)[0]
+        if found is None:
+            log(f'--resume auto: no valid checkpoint in {config.out}; starting from the beginning')
+            return
+        path, manifest = found
+        if manifest.get('config_hash') != checkpoint.config_hash(config.to_dict()):
+            changed = sorted(k for k, v in manifest.get('config', {}).items()
+                             if k not in checkpoint.RESUME_FREE_KEYS
+                             and config.to_dict().get(k) != v)
+            log(f'note: {path} was written with different settings for: '
+                f'{", ".join(changed) or "(unknown)"}')
+    found_here = world.allgather_obj(os.path.isfile(path))
+    missing = [rank for rank, ok in enumerate(found_here) if not ok]
     if missing:
         where = ('' if world.size == 1 else
                  f' on rank(s) {", ".join(map(str, missing))} (every rank reads it: put --out '
@@ -174,14 +202,29 @@ def _resume(trainer, updater, train_iter, path: str, world, log) -> None:
     checkpoint.load_npz(path, trainer,
                         ignore_names=lambda key: key.startswith(_ITERATOR_KEYS))
     train_iter.seek(updater.iteration)
-    written_by = updater.snapshot_world_size
-    ranks = ('' if written_by == world.size else
+    written_by = updater.checkpoint_world_size
+    ranks = (f'; same number of ranks ({world.size})' if written_by == world.size else
              f'; it was written by {written_by} rank(s) and continues on {world.size}, so the '
              f'data is re-sharded from here')
     log(f'resumed from {path} at iteration {updater.iteration}{ranks}')
 
 
-def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world) -> None:
+def _abort_job(world):
+    def abort():
+        if world.size > 1:
+            world.abort(3)
+    return abort
+
+
+def _is_last_iteration(config: TrainConfig):
+    length, unit = config.stop_trigger
+    if unit == 'iteration':
+        return lambda updater: updater.iteration >= length
+    return lambda updater: updater.is_new_epoch and updater.epoch >= length
+
+
+def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world,
+                    watchdog) -> None:
     per_epoch = max(1, -(-n_train // config.batchsize))
     if config.eval_interval is not None:
         report_trigger = (config.eval_interval, 'iteration')
@@ -189,12 +232,16 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         report_trigger = (min(config.iterations, per_epoch), 'iteration')
     else:
         report_trigger = (1, 'epoch')
-    trainer.extend(evaluator, trigger=report_trigger)  # every rank: it is collective
+    # Both on every rank: they are collective.
+    trainer.extend(evaluator, trigger=report_trigger)
+    trainer.extend(checkpoint.Checkpointer(
+        world, config.out, config.checkpoint_interval, config.keep_checkpoints,
+        _is_last_iteration(config),
+        {'config_hash': checkpoint.config_hash(config.to_dict()), 'config': config.to_dict(),
+         'version': __version__},
+        pause=watchdog.paused if watchdog is not None else None))
     if not world.is_root:
         return
-    trainer.extend(extensions.snapshot(filename=SNAPSHOT_PATTERN, savefun=checkpoint.save_npz,
-                                       n_retains=config.keep_snapshots),
-                   trigger=(config.snapshot_interval, 'iteration'))
     trainer.extend(extensions.LogReport(trigger=report_trigger))
     heads = range(config.heads)
     trainer.extend(extensions.PrintReport(

@@ -76,6 +76,7 @@ class MultiHeadUpdater(StandardUpdater):
         self.backward_mode = backward
         self.comm = comm or LocalComm()
         self.grad_sync = grad_sync
+        self.heartbeat = None  # called with the iteration count after every update
         self.frozen = frozenset(f'head{i}' for i in frozen)
         for name in self.frozen:
             # After optimizer.setup(), which would replace a disabled update rule.
@@ -85,6 +86,11 @@ class MultiHeadUpdater(StandardUpdater):
             if grad_sync == 'optimizers':
                 self._optimizers = {name: _multi_node(opt, self.comm)
                                     for name, opt in self._optimizers.items()}
+
+    def update(self):
+        super().update()
+        if self.heartbeat is not None:
+            self.heartbeat(self.iteration)
 
     def update_core(self):
         batch = self.get_iterator('main').next()
@@ -120,14 +126,14 @@ class MultiHeadUpdater(StandardUpdater):
 
     def serialize(self, serializer):
         super().serialize(serializer)
-        # Saved so that a resumed run can say how many ranks wrote the snapshot.
-        self.snapshot_world_size = int(serializer('world_size', self.comm.size))
+        # Saved so that a resumed run can say how many ranks wrote the checkpoint.
+        self.checkpoint_world_size = int(serializer('world_size', self.comm.size))
 
     def _raise_non_finite(self, loss_sums: np.ndarray) -> None:
         bad = [f'head{i} ({v})' for i, v in enumerate(loss_sums) if not np.isfinite(v)]
         raise NonFiniteLossError(
             f'non-finite loss at iteration {self.iteration + 1}: {", ".join(bad)}; training '
-            f'stopped before this update, earlier snapshots are kept (try a lower learning '
+            f'stopped before this update, earlier checkpoints are kept (try a lower learning '
             f'rate, or check the inputs for NaN/inf)', collective=True)
 
 

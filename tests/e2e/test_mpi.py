@@ -71,18 +71,18 @@ def test_launch_two_ranks_end_to_end_reaches_the_accuracy_bar(tmp_path):
     assert out.count('test accuracy:') == 1  # printed by rank 0 only
 
 
-def test_only_rank_0_writes_logs_results_and_snapshots(tmp_path):
+def test_only_rank_0_writes_logs_results_and_checkpoints(tmp_path):
     a, b = tmp_path / 'a', tmp_path / 'b'
     a.mkdir()
     b.mkdir()
-    args = ['--out', 'run', '--iterations', 20, '--snapshot-interval', 10, '--no-progress',
+    args = ['--out', 'run', '--iterations', 20, '--checkpoint-interval', 10, '--no-progress',
             '--train-size', 320, '--test-size', 64, '--batchsize', 8]
     # Same arguments, different working directories: whatever a rank writes lands in its own.
     code, out, _ = run(mpiexec('-n', 1, '--wdir', a, *train_cmd(*args), ':',
                                '-n', 1, '--wdir', b, *train_cmd(*args)), timeout=300)
     assert code == 0, out[-4000:]
     written = set(os.listdir(a / 'run'))
-    assert {'log', 'model.npz', 'result.json', 'snapshot_iter_10.npz', 'snapshot_iter_20.npz',
+    assert {'log', 'model.npz', 'result.json', 'checkpoint_iter_10.npz', 'checkpoint_iter_20.npz',
             'loss.png', 'head0_accuracy.png'} <= written
     assert not (b / 'run').exists() or os.listdir(b / 'run') == []
 
@@ -117,19 +117,19 @@ def test_ranks_started_with_different_configs_all_stop_with_the_same_error(tmp_p
 
 
 def test_resume_on_a_different_number_of_ranks(tmp_path):
-    common = ['--iterations', 30, '--snapshot-interval', 10] + QUICK
+    common = ['--iterations', 30, '--checkpoint-interval', 10] + QUICK
     code, out, _ = run(mpiexec('-n', 2, *train_cmd('--out', tmp_path / 'two', *common)),
                        timeout=300)
     assert code == 0, out[-3000:]
-    snapshot = tmp_path / 'two' / 'snapshot_iter_20.npz'
-    proc = run_cli(['train', '--out', tmp_path / 'one', '--resume', snapshot,
-                    '--iterations', 40, '--snapshot-interval', 10] + QUICK)
+    checkpoint = tmp_path / 'two' / 'checkpoint_iter_20.npz'
+    proc = run_cli(['train', '--out', tmp_path / 'one', '--resume', checkpoint,
+                    '--iterations', 40, '--checkpoint-interval', 10] + QUICK)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ('at iteration 20; it was written by 2 rank(s) and continues on 1' in proc.stderr)
     assert json.loads((tmp_path / 'one' / 'result.json').read_text())['iterations'] == 40
     code, out, _ = run(mpiexec('-n', 2, *train_cmd(
-        '--out', tmp_path / 'back', '--resume', tmp_path / 'one' / 'snapshot_iter_40.npz',
-        '--iterations', 50, '--snapshot-interval', 10, *QUICK)), timeout=300)
+        '--out', tmp_path / 'back', '--resume', tmp_path / 'one' / 'checkpoint_iter_40.npz',
+        '--iterations', 50, '--checkpoint-interval', 10, *QUICK)), timeout=300)
     assert code == 0, out[-3000:]
     assert 'written by 1 rank(s) and continues on 2' in out
     assert json.loads((tmp_path / 'back' / 'result.json').read_text())['world_size'] == 2

@@ -37,7 +37,9 @@ def test_default_run_reaches_95_percent_on_every_head(tmp_path):
     files = set(os.listdir(out))
     assert {'log', 'model.npz', 'result.json', 'loss.png', 'accuracy_all.png'} <= files
     assert {f'head{i}_{w}.png' for i in range(3) for w in ('loss', 'accuracy')} <= files
-    assert {'snapshot_iter_200.npz', 'snapshot_iter_400.npz', 'snapshot_iter_600.npz'} <= files
+    # Every 200 iterations and at the end, the newest 3 kept, each with its manifest.
+    assert {f'checkpoint_iter_{i}.{ext}' for i in (400, 600, 750) for ext in ('npz', 'json')} \
+        == {name for name in files if name.startswith('checkpoint_')}
     log = read_json(out / 'log')
     assert len(log) == 8 and 'validation/main/head2/accuracy' in log[-1]
     assert log[-1]['validation/main/head2/accuracy'] == result['test']['head2/accuracy']
@@ -58,18 +60,18 @@ def test_same_seed_gives_bitwise_the_same_model_file(tmp_path):
 
 
 @pytest.mark.parametrize('backward', ['fused', 'per_loss'])
-def test_resuming_from_a_mid_run_snapshot_ends_with_the_same_parameters(tmp_path, backward):
-    common = QUICK + ['--snapshot-interval', '20', '--backward', backward,
+def test_resuming_from_a_mid_run_checkpoint_ends_with_the_same_parameters(tmp_path, backward):
+    common = QUICK + ['--checkpoint-interval', '20', '--backward', backward,
                       '--optimizer', 'momentum_sgd', '--lr', '0.05']
     # 480 samples / 16 = 30 iterations per epoch: the resume point is mid-epoch.
     assert main(['train', '--out', str(tmp_path / 'full'), '--iterations', '50'] + common) == 0
     assert main(['train', '--out', str(tmp_path / 'part'), '--iterations', '20'] + common) == 0
-    snapshot = str(tmp_path / 'part' / 'snapshot_iter_20.npz')
+    checkpoint = str(tmp_path / 'part' / 'checkpoint_iter_20.npz')
     assert main(['train', '--out', str(tmp_path / 'resumed'), '--iterations', '50',
-                 '--resume', snapshot] + common) == 0
+                 '--resume', checkpoint] + common) == 0
     assert read_json(tmp_path / 'resumed' / 'result.json')['iterations'] == 50
     assert sha256(tmp_path / 'full' / 'model.npz') == sha256(tmp_path / 'resumed' / 'model.npz')
-    # And the snapshot really was mid-run: the 20-iteration model differs.
+    # And the checkpoint really was mid-run: the 20-iteration model differs.
     assert sha256(tmp_path / 'part' / 'model.npz') != sha256(tmp_path / 'full' / 'model.npz')
 
 
@@ -168,13 +170,14 @@ def test_non_finite_loss_stops_before_overwriting_saved_work(tmp_path):
 
     data = dict(train_data=_dataset(64), test_data=_dataset(16))
     out = tmp_path / 'run'
-    train(_config(out, iterations=5, snapshot_interval=5), net=net(10 ** 9), **data)
-    saved = {name: sha256(out / name) for name in ('snapshot_iter_5.npz', 'model.npz',
+    train(_config(out, iterations=5, checkpoint_interval=5), net=net(10 ** 9), **data)
+    saved = {name: sha256(out / name) for name in ('checkpoint_iter_5.npz', 'model.npz',
                                                     'result.json')}
     # Resume at 5; the head goes NaN on its 3rd training forward, i.e. iteration 8.
     with pytest.raises(NonFiniteLossError, match='non-finite loss at iteration 8: head1 '):
-        train(_config(out, iterations=12, snapshot_interval=5,
-                      resume=str(out / 'snapshot_iter_5.npz')), net=net(3), **data)
-    # Nothing saved before is changed, and no snapshot was written after the failure.
+        train(_config(out, iterations=12, checkpoint_interval=5,
+                      resume=str(out / 'checkpoint_iter_5.npz')), net=net(3), **data)
+    # Nothing saved before is changed, and no checkpoint was written after the failure.
     assert {name: sha256(out / name) for name in saved} == saved
-    assert sorted(p.name for p in out.glob('snapshot_*')) == ['snapshot_iter_5.npz']
+    assert sorted(p.name for p in out.glob('checkpoint_*')) == ['checkpoint_iter_5.json',
+                                                                 'checkpoint_iter_5.npz']

@@ -143,7 +143,7 @@ def test_train_leaves_identical_parameters_and_results_on_every_rank():
     out = WORLD.allgather_obj(tempfile.mkdtemp(prefix='distmulti-mpi-') if WORLD.is_root
                               else None)[0]
     config = TrainConfig(out=out, iterations=12, batchsize=8, train_size=200, test_size=50,
-                         progress=False, plot=False, eval_interval=6, snapshot_interval=6)
+                         progress=False, plot=False, eval_interval=6, checkpoint_interval=6)
     result = train(config, comm=WORLD, log=lambda msg: None)
     net_digest = hashlib.sha256(
         open(os.path.join(out, 'model.npz'), 'rb').read()).hexdigest() if WORLD.is_root else None

@@ -55,6 +55,17 @@ def test_a_file_carrying_a_pickle_is_refused_and_its_payload_never_runs(tmp_path
     assert os.path.exists(marker)
 
 
+def test_a_pickle_in_a_member_the_loader_would_not_read_is_refused_too(tmp_path):
+    marker = str(tmp_path / 'payload-ran')
+    path = str(tmp_path / 'extra.npz')
+    arrays = {k.lstrip('/'): v for k, v in params(small_net(1)).items()}
+    arrays['unused/extra'] = np.array([_Payload(marker)], dtype=object)
+    np.savez(path, **arrays)
+    with pytest.raises(CheckpointError, match="pickled Python objects \\(in 'unused/extra.npy'\\)"):
+        load_npz(path, small_net(1))
+    assert not os.path.exists(marker)
+
+
 def test_truncated_and_missing_files_get_clear_errors(tmp_path):
     path = str(tmp_path / 'm.npz')
     save_npz(path, small_net(1))

@@ -48,11 +48,11 @@ def test_unknown_keys_are_rejected_with_a_suggestion():
 
 def test_yaml_file_then_flags_override(tmp_path):
     path = tmp_path / 'run.yaml'
-    path.write_text('heads: 4\nbatchsize: 32\nepoch: 3\nsnapshot-interval: 50\n'
+    path.write_text('heads: 4\nbatchsize: 32\nepoch: 3\ncheckpoint-interval: 50\n'
                     'optimizers:\n  head0: {type: momentum_sgd, lr: 0.01}\n')
     config = config_from_args(parse_args(['train', '-c', str(path), '-b', '16',
                                           '--iterations', '100']))
-    assert (config.heads, config.batchsize, config.snapshot_interval) == (4, 16, 50)
+    assert (config.heads, config.batchsize, config.checkpoint_interval) == (4, 16, 50)
     # A flag for one length replaces the file's other length.
     assert config.iterations == 100 and config.epoch is None
     assert config.optimizer_spec('head0') == {'type': 'momentum_sgd', 'lr': 0.01}

