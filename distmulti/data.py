@@ -102,7 +102,7 @@ class ShuffledIterator(SerialIterator):
 
     ``seek(n)`` puts it exactly where it would be after ``n`` batches from the start, without
     reading any example. Resuming uses it instead of restoring an iterator state from the
-    snapshot, so a resumed run draws the same batches as an uninterrupted one, and a run
+    checkpoint, so a resumed run draws the same batches as an uninterrupted one, and a run
     resumed on a different number of ranks gets a consistent position on its new shard.
     """
 

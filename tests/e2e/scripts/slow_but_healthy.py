@@ -5,7 +5,11 @@ import time
 
 import chainer
 
+import distmulti.training
 from distmulti import BaseCNN, MLPHead, MultiHeadNet, TrainConfig, train
+
+# One test sample per evaluation batch, so an evaluation is 10 heartbeats of 0.3 s each.
+distmulti.training.EVAL_BATCHSIZE = 1
 
 
 class Slow(MLPHead):
@@ -18,8 +22,4 @@ net = MultiHeadNet(BaseCNN(4, 16), [MLPHead(10, 8), Slow(10, 8)])
 config = TrainConfig(out=sys.argv[1], iterations=4, batchsize=10, train_size=40, test_size=10,
                      progress=False, plot=False, eval_interval=2, checkpoint_interval=1,
                      hang_timeout=1.0)
-# 500-sample evaluation batches over 10 samples is one batch; use many small ones instead.
-import distmulti.training as training  # noqa: E402
-training.EVAL_BATCHSIZE = 1
-config.test_size = 10
 train(config, net=net)
