@@ -9,6 +9,8 @@ import sys
 import traceback
 from typing import List, Optional
 
+import numpy as np
+
 from distmulti._version import __version__
 from distmulti.config import BACKWARD_MODES, COMMUNICATORS, GRAD_SYNC_MODES, TrainConfig
 from distmulti.errors import ConfigError, DistmultiError, NonFiniteLossError
@@ -82,6 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help='no PNG plots')
     t.set_defaults(func=run_train)
 
+    t.add_argument('--model', metavar='PACKAGE.MODULE:FACTORY',
+                   help='your network: a factory returning (base, heads) or a MultiHeadNet')
+    t.add_argument('--dataset', metavar='npz:PATH|csv:PATH',
+                   help='your data (default: the embedded digit strips); see README')
+    t.add_argument('--test-dataset', metavar='npz:PATH|csv:PATH',
+                   help='test data (default: a seeded --test-fraction of --dataset)')
+    t.add_argument('--test-fraction', type=float,
+                   help='share of --dataset held out for testing (default 0.2)')
+
+    ev = sub.add_parser('evaluate', help='per-head accuracy and confusion matrices of a run',
+                        description='Evaluates RUN/model.npz on the run\'s test data (or '
+                                    '--dataset): per-head accuracy and confusion matrices, '
+                                    'printed and saved as PNG and JSON.')
+    ev.add_argument('run', metavar='RUN', help='the --out folder of a completed training')
+    ev.add_argument('--dataset', metavar='npz:PATH|csv:PATH', help='data to evaluate on')
+    ev.add_argument('--model-file', help='parameters to use (default RUN/model.npz)')
+    ev.add_argument('--out', help='where PNGs and evaluation.json go (default RUN/evaluation)')
+    ev.add_argument('--device', '-d', default='@numpy', help='as for train (default CPU)')
+    ev.set_defaults(func=run_evaluate)
+
+    pr = sub.add_parser('predict', help='per-head predictions of a run for given inputs',
+                        description='Prints one CSV row per input: its name, then the '
+                                    'predicted class of every head.')
+    pr.add_argument('run', metavar='RUN', help='the --out folder of a completed training')
+    pr.add_argument('inputs', nargs='+', metavar='INPUT',
+                    help='npz:PATH (its array x) or image files')
+    pr.add_argument('--model-file', help='parameters to use (default RUN/model.npz)')
+    pr.add_argument('--output', '-o', help='write the CSV here instead of stdout')
+    pr.add_argument('--device', '-d', default='@numpy', help='as for train (default CPU)')
+    pr.set_defaults(func=run_predict)
+
     la = sub.add_parser('launch', help='run `distmulti train` on N ranks through mpiexec',
                         description='Builds and runs the mpiexec command for N ranks. '
                                     'Arguments after -- go to `distmulti train`.')
@@ -116,6 +149,71 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     from distmulti.training import train
     train(config_from_args(args))
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import json
+    from distmulti import inference
+    from distmulti.comm import resolve_device
+    from distmulti.config import normalize_device
+    device = resolve_device(normalize_device(args.device))
+    config, net = inference.load_run(args.run)
+    if args.dataset:
+        from distmulti.datasets import load_dataset
+        data = load_dataset(args.dataset)
+    else:
+        data = inference.run_data(config)[1]
+    inference.load_parameters(net, args.model_file or os.path.join(args.run, 'model.npz'),
+                              data[0][0])
+    net.to_device(device)
+    report = inference.evaluate_model(net, data, device=device)
+    out = args.out or os.path.join(args.run, 'evaluation')
+    os.makedirs(out, exist_ok=True)
+    metrics = report['metrics']
+    source = args.dataset or "the run's test data"
+    print(f'evaluated {int(metrics["samples"])} samples ({source})')
+    for name in net.head_names:
+        acc = metrics.get(f'{name}/accuracy')
+        print(f'{name}: accuracy {acc:.4f}' if acc is not None else f'{name}: no accuracy',
+              f' loss {metrics[f"{name}/loss"]:.4f}')
+    if 'accuracy_all' in metrics:
+        print(f'all heads: accuracy {metrics["accuracy_all"]:.4f}')
+    for name, matrix in report['confusion'].items():
+        print(inference.format_confusion(name, matrix))
+        inference.plot_confusion(matrix, f'{name} ({args.run})',
+                                 os.path.join(out, f'confusion_{name}.png'))
+    with open(os.path.join(out, 'evaluation.json'), 'w', encoding='utf-8') as f:
+        json.dump({'metrics': metrics, 'dataset': source,
+                   'confusion': {k: v.tolist() for k, v in report['confusion'].items()}},
+                  f, indent=2, sort_keys=True)
+    print(f'wrote {out}/evaluation.json and confusion_<head>.png')
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import csv
+    from distmulti import inference
+    from distmulti.comm import resolve_device
+    from distmulti.config import normalize_device
+    device = resolve_device(normalize_device(args.device))
+    config, net = inference.load_run(args.run)
+    sample = inference.run_data(config)[1][0][0]
+    inference.load_parameters(net, args.model_file or os.path.join(args.run, 'model.npz'),
+                              sample)
+    net.to_device(device)
+    x, names = inference.read_inputs(args.inputs, like=np.asarray(sample))
+    predictions = inference.predict(net, x, device=device)
+    heads = list(predictions)
+    stream = open(args.output, 'w', newline='') if args.output else sys.stdout
+    try:
+        writer = csv.writer(stream)
+        writer.writerow(['input'] + heads)
+        for i, name in enumerate(names):
+            writer.writerow([name] + [int(predictions[h][i]) for h in heads])
+    finally:
+        if args.output:
+            stream.close()
     return 0
 
 

@@ -16,6 +16,8 @@ GRAD_SYNC_MODES = ('net', 'optimizers')
 COMMUNICATORS = ('auto', 'naive', 'pure_nccl', 'flat', 'non_cuda_aware')
 OPTIMIZER_KEYS = ('type', 'lr')
 _DEVICE_RE = re.compile(r'^@cupy:(\d+)$')
+_MODEL_RE = re.compile(r'^[A-Za-z_][\w.]*:[A-Za-z_]\w*$')
+DATASET_KINDS = ('npz', 'csv')
 
 
 @dataclasses.dataclass
@@ -42,6 +44,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     hang_timeout: Optional[float] = None
     eval_interval: Optional[int] = None
+    model: Optional[str] = None
+    dataset: Optional[str] = None
+    test_dataset: Optional[str] = None
+    test_fraction: float = 0.2
     train_size: int = 6000
     test_size: int = 1000
     progress: bool = True
@@ -116,8 +122,14 @@ class TrainConfig:
         return spec
 
     # -- checks -------------------------------------------------------------
-    def validate(self) -> 'TrainConfig':
-        """Raises ConfigError naming the first bad value; returns self (normalised)."""
+    def validate(self, head_names: Optional[List[str]] = None,
+                 check_parts: bool = True) -> 'TrainConfig':
+        """Raises ConfigError naming the first bad value; returns self (normalised).
+
+        ``head_names``: the network's head names when they are not ``head0``, ``head1``, ...
+        ``check_parts=False`` skips checking ``optimizers`` names (net not built yet).
+        """
+        parts = ['base'] + list(head_names if head_names is not None else self.head_names)
         _check_int('heads', self.heads, minimum=1)
         _check_int('batchsize', self.batchsize, minimum=1)
         if self.epoch is not None and self.iterations is not None:
@@ -131,12 +143,12 @@ class TrainConfig:
         from distmulti.optim import check_optimizer_type
         check_optimizer_type(self.optimizer, 'optimizer')
         if not isinstance(self.optimizers, Mapping):
-            raise ConfigError(f'optimizers must map names ({", ".join(self.optimizer_names)}) '
+            raise ConfigError(f'optimizers must map names ({", ".join(parts)}) '
                               f'to {{type, lr}}, got {self.optimizers!r}')
         for name, spec in self.optimizers.items():
-            if name not in self.optimizer_names:
+            if check_parts and name not in parts:
                 raise ConfigError(f'optimizers has an entry for {name!r}, but with heads='
-                                  f'{self.heads} the parts are {", ".join(self.optimizer_names)}')
+                                  f'{self.heads} the parts are {", ".join(parts)}')
             if not isinstance(spec, Mapping) or set(spec) - set(OPTIMIZER_KEYS):
                 raise ConfigError(f'optimizers[{name!r}] must be a mapping with keys '
                                   f'{" and/or ".join(OPTIMIZER_KEYS)}, got {spec!r}')
@@ -179,6 +191,21 @@ class TrainConfig:
             _check_number('hang_timeout', self.hang_timeout, positive=True)
         if self.eval_interval is not None:
             _check_int('eval_interval', self.eval_interval, minimum=1)
+        if self.model is not None and (not isinstance(self.model, str)
+                                       or not _MODEL_RE.match(self.model)):
+            raise ConfigError(f'model must be package.module:factory, got {self.model!r}')
+        for key in ('dataset', 'test_dataset'):
+            spec = getattr(self, key)
+            if spec is not None and (not isinstance(spec, str)
+                                     or spec.split(':', 1)[0] not in DATASET_KINDS
+                                     or ':' not in spec):
+                raise ConfigError(f'{key} must be npz:PATH or csv:PATH, got {spec!r}')
+        if self.test_dataset is not None and self.dataset is None:
+            raise ConfigError('test_dataset needs dataset (the training data) too')
+        if (not isinstance(self.test_fraction, (int, float)) or isinstance(self.test_fraction, bool)
+                or not 0 < self.test_fraction < 1):
+            raise ConfigError(f'test_fraction must be between 0 and 1 (exclusive), got '
+                              f'{self.test_fraction!r}')
         _check_int('train_size', self.train_size, minimum=1)
         _check_int('test_size', self.test_size, minimum=1)
         for flag in ('progress', 'plot'):

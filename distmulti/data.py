@@ -7,7 +7,7 @@ digit image appears in both splits.
 import gzip
 import importlib.util
 import os
-from typing import NamedTuple, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from chainer.datasets import TupleDataset
@@ -66,35 +66,41 @@ def digit_strips(k: int, n_train: int, n_test: int, seed: int = 0,
     return train, test
 
 
-def check_labels(y: np.ndarray, classes: Sequence[int], where: str) -> None:
-    """Raises DataError unless ``y`` is (N, K) integers in [0, classes_i) or -1 (ignored).
-
-    Every rank checks the same full label array, so the error is collective.
-    """
+def check_label_shape(y: np.ndarray, n_heads: int, where: str) -> None:
+    """Raises DataError unless ``y`` is an (N, n_heads) integer array."""
     y = np.asarray(y)
-    k = len(classes)
-    if y.ndim != 2 or y.shape[1] != k:
+    if y.ndim != 2 or y.shape[1] != n_heads:
         cols = y.shape[1] if y.ndim == 2 else f'shape {y.shape} instead of (N, K), i.e. no'
-        raise DataError(f'{where}: the labels have {cols} columns but the model has {k} '
-                        f'head{"s" if k != 1 else ""}; give one label column per head',
+        raise DataError(f'{where}: the labels have {cols} columns but the model has {n_heads} '
+                        f'head{"s" if n_heads != 1 else ""}; give one label column per head',
                         collective=True)
     if not np.issubdtype(y.dtype, np.integer):
         raise DataError(f'{where}: labels must be integers, got dtype {y.dtype}', collective=True)
-    for i, n_classes in enumerate(classes):
+
+
+def check_labels(y: np.ndarray, classes: Sequence[Optional[int]], where: str,
+                 names: Optional[Sequence[str]] = None) -> None:
+    """Raises DataError unless ``y`` is (N, K) integers in [0, classes_i) or -1 (ignored).
+
+    ``classes[i]`` None (a head that computes its own loss) only requires labels >= -1.
+    Every rank checks the same full label array, so the error is collective.
+    """
+    y = np.asarray(y)
+    check_label_shape(y, len(classes), where)
+    names = list(names) if names is not None else [f'head{i}' for i in range(len(classes))]
+    for i, (name, n_classes) in enumerate(zip(names, classes)):
         col = y[:, i]
-        bad = (col != IGNORE_LABEL) & ((col < 0) | (col >= n_classes))
+        if n_classes is None:
+            bad = col < IGNORE_LABEL
+            allowed = 'labels >= 0, or -1 to ignore a sample'
+        else:
+            bad = (col != IGNORE_LABEL) & ((col < 0) | (col >= n_classes))
+            allowed = (f'[0, {n_classes}) ({n_classes} classes); use -1 to ignore a sample')
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataError(f'{where}: head{i} label {int(col[row])} at row {row} is outside '
-                            f'[0, {n_classes}) ({n_classes} classes); use -1 to ignore a sample '
-                            f'({int(bad.sum())} bad labels in that column)', collective=True)
-
-
-def labels_of(dataset) -> np.ndarray:
-    """The label array of a dataset of (x, t) pairs."""
-    if isinstance(dataset, TupleDataset) and len(dataset._datasets) == 2:
-        return np.asarray(dataset._datasets[1])
-    return np.stack([np.asarray(dataset[i][1]) for i in range(len(dataset))])
+            raise DataError(f'{where}: {name} label {int(col[row])} at row {row} is outside '
+                            f'{allowed} ({int(bad.sum())} bad labels in that column)',
+                            collective=True)
 
 
 class ShuffledIterator(SerialIterator):

@@ -18,7 +18,7 @@ from distmulti.metrics import Layout, batch_stats, summarize
 
 
 class MultiHeadEvaluator(extensions.Evaluator):
-    """Reports ``{name}/main/loss``, ``{name}/main/head{i}/{loss,accuracy}`` and
+    """Reports ``{name}/main/loss``, ``{name}/main/<head>/{loss,accuracy}`` and
     ``{name}/main/accuracy_all`` for a ``MultiHeadNet``."""
 
     def __init__(self, iterator, net, loss_weights=None, converter=convert.concat_examples,
@@ -41,12 +41,11 @@ class MultiHeadEvaluator(extensions.Evaluator):
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             for batch in it:
                 x, t = self.converter(batch, self.device)
-                logits = net(x)
-                totals += batch_stats(logits, net.sample_losses(logits, t), t)
+                totals += batch_stats(net.head_outputs(x, t), t)
                 if self.heartbeat is not None:
                     self.heartbeat()
         # The one collective of an evaluation: every rank reaches it once, whatever its shard.
         totals = self.comm.allreduce_sum(totals)
-        result = summarize(totals, self.loss_weights, f'{self.name}/main/')
+        result = summarize(totals, self.loss_weights, f'{self.name}/main/', net.head_names)
         result[f'{self.name}/main/samples'] = float(totals[-1])
         return result

@@ -3,7 +3,10 @@
 ``MultiHeadNet`` keeps the base under ``base/`` and head i under ``head{i}/``, so one
 ``save_npz`` writes every parameter and each part has its own optimizer target.
 """
-from typing import List, Sequence
+import re
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
 
 import chainer
 import chainer.functions as F
@@ -12,6 +15,7 @@ import chainer.links as L
 from distmulti.errors import DataError
 
 IGNORE_LABEL = -1
+_NAME_RE = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 
 
 class BaseCNN(chainer.Chain):
@@ -43,66 +47,140 @@ class MLPHead(chainer.Chain):
         return self.l2(F.relu(self.l1(h)))
 
 
+class LossHead(chainer.Chain):
+    """Marks a head that computes its own loss instead of returning logits.
+
+    The wrapped link is called as ``link(features, t)`` with ``t`` the head's label column
+    (-1 = no label) and must return the mean loss over the labelled samples, a scalar.
+    Such a head reports its loss but no accuracy, and has no predictions.
+    """
+
+    def __init__(self, link: chainer.Link):
+        super().__init__()
+        with self.init_scope():
+            self.link = link
+
+    def forward(self, h, t):
+        return self.link(h, t)
+
+
+class HeadOutput(NamedTuple):
+    """One head's result on a batch: the sum of its loss over labelled samples, and its
+    logits (None for a LossHead)."""
+
+    loss_sum: chainer.Variable
+    logits: Optional[chainer.Variable]
+
+
 class MultiHeadNet(chainer.Chain):
-    """One shared base feeding K heads; each head returns logits for its own labels.
+    """One shared base feeding K heads, each with its own label column and loss.
 
     Args:
         base: link mapping inputs to shared features.
-        heads: links mapping those features to logits of shape (N, classes_i).
+        heads: a list of links (named ``head0``, ``head1``, ...) or a dict ``{name: link}``
+            (names in order = label columns). A head maps the features to logits of shape
+            (N, classes), or is a ``LossHead`` returning its own loss.
+        loss_funcs: optional per-head functions ``f(logits, t)`` returning per-sample losses
+            (shape (N,), 0 where t == -1) or their mean over labelled samples; default
+            softmax cross-entropy with ``ignore_label=-1``.
     """
 
-    def __init__(self, base: chainer.Link, heads: Sequence[chainer.Link]):
+    def __init__(self, base: chainer.Link,
+                 heads: Union[Sequence[chainer.Link], Mapping[str, chainer.Link]],
+                 loss_funcs: Optional[Sequence[Optional[Callable]]] = None):
         super().__init__()
-        heads = list(heads)
-        if not heads:
+        if isinstance(heads, Mapping):
+            names, links = [str(n) for n in heads], list(heads.values())
+        else:
+            links = list(heads)
+            names = [f'head{i}' for i in range(len(links))]
+        if not links:
             raise ValueError('MultiHeadNet needs at least one head, got none')
-        for i, head in enumerate(heads):
-            if not isinstance(head, chainer.Link):
-                raise TypeError(f'head {i} must be a chainer.Link, got {type(head).__name__}')
         if not isinstance(base, chainer.Link):
             raise TypeError(f'base must be a chainer.Link, got {type(base).__name__}')
+        for name, head in zip(names, links):
+            if not _NAME_RE.match(name) or name == 'base':
+                raise ValueError(f'head name {name!r} is not allowed; use letters, digits and _ '
+                                 f'(not starting with a digit, not "base")')
+            if not isinstance(head, chainer.Link):
+                raise TypeError(f'head {name!r} must be a chainer.Link, got '
+                                f'{type(head).__name__}')
+        if len(set(names)) != len(names):
+            raise ValueError(f'head names must be unique, got {names}')
+        loss_funcs = list(loss_funcs) if loss_funcs is not None else [None] * len(links)
+        if len(loss_funcs) != len(links):
+            raise ValueError(f'loss_funcs must hold one entry per head ({len(links)}), '
+                             f'got {len(loss_funcs)}')
         with self.init_scope():
             self.base = base
-        for i, head in enumerate(heads):
-            self.add_link(f'head{i}', head)
-        self.n_heads = len(heads)
+        for name, head in zip(names, links):
+            self.add_link(name, head)
+        self._head_names = names
+        self._loss_funcs = [f or _softmax_cross_entropy for f in loss_funcs]
+        self.n_heads = len(links)
 
     @property
     def head_names(self) -> List[str]:
-        return [f'head{i}' for i in range(self.n_heads)]
+        return list(self._head_names)
 
     @property
     def heads(self) -> List[chainer.Link]:
-        return [getattr(self, name) for name in self.head_names]
+        return [getattr(self, name) for name in self._head_names]
 
-    def forward(self, x) -> List[chainer.Variable]:
-        """Runs the base once and every head on its features; returns the list of logits."""
+    @property
+    def has_logits(self) -> List[bool]:
+        return [not isinstance(head, LossHead) for head in self.heads]
+
+    def forward(self, x) -> List[Optional[chainer.Variable]]:
+        """Runs the base once and every logits head on its features (None for a LossHead)."""
         features = self.base(x)
-        return [head(features) for head in self.heads]
+        return [None if isinstance(head, LossHead) else head(features) for head in self.heads]
 
-    def sample_losses(self, logits: Sequence[chainer.Variable], t) -> List[chainer.Variable]:
-        """Per-sample softmax cross-entropy of each head on its label column, shape (N,).
+    def head_outputs(self, x, t) -> List[HeadOutput]:
+        """Runs the base once; every head's loss sum over its labelled samples, and logits."""
+        features = self.base(x)
+        outputs = []
+        for i, (name, head) in enumerate(zip(self._head_names, self.heads)):
+            col = t[:, i]
+            if isinstance(head, LossHead):
+                logits, loss = None, head(features, col)
+            else:
+                logits = head(features)
+                loss = self._loss_funcs[i](logits, col)
+            if loss.ndim == 0:  # a mean over labelled samples: back to their sum
+                xp = chainer.backend.get_array_module(col)
+                n = (col != IGNORE_LABEL).sum()
+                loss = loss * xp.asarray(n, dtype=loss.dtype)
+            elif loss.shape == (len(col),):
+                loss = F.sum(loss)
+            else:
+                raise DataError(f'the loss of {name} has shape {loss.shape}; it must be a '
+                                f'scalar (mean over labelled samples) or one value per sample')
+            outputs.append(HeadOutput(loss, logits))
+        return outputs
 
-        Samples labelled -1 for a head get loss 0 from it. Callers normalise the sums by the
-        number of labelled samples (over all ranks, for exact data-parallel means).
-        """
-        return [F.softmax_cross_entropy(y, t[:, i], ignore_label=IGNORE_LABEL, reduce='no')
-                for i, y in enumerate(logits)]
-
-    def initialize(self, x) -> List[int]:
-        """Runs one forward pass on ``x`` so lazily sized layers get their parameters.
-
-        Returns the number of classes (logit width) of each head.
-        """
+    def initialize(self, x, t=None) -> List[Optional[int]]:
+        """Runs one forward pass on ``x`` (labels ``t``, default all 0) so lazily sized layers
+        get their parameters. Returns each head's number of classes (None for a LossHead)."""
+        if t is None:
+            xp = chainer.backend.get_array_module(x)
+            t = xp.zeros((len(x), self.n_heads), dtype=np.int32)
         with chainer.using_config('train', False), chainer.no_backprop_mode():
-            logits = self.forward(x)
+            outputs = self.head_outputs(x, t)
         widths = []
-        for name, y in zip(self.head_names, logits):
-            if y.ndim != 2:
+        for name, out in zip(self._head_names, outputs):
+            if out.logits is None:
+                widths.append(None)
+                continue
+            if out.logits.ndim != 2:
                 raise DataError(f'{name} must return logits of shape (batch, classes), '
-                                f'got shape {y.shape}')
-            widths.append(int(y.shape[1]))
+                                f'got shape {out.logits.shape}')
+            widths.append(int(out.logits.shape[1]))
         return widths
+
+
+def _softmax_cross_entropy(logits, t):
+    return F.softmax_cross_entropy(logits, t, ignore_label=IGNORE_LABEL, reduce='no')
 
 
 def default_net(n_heads: int, n_classes: int = 10) -> MultiHeadNet:

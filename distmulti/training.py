@@ -5,6 +5,7 @@ takes user objects (a network, datasets) from Python. Rank 0 alone writes logs, 
 checkpoints, ``model.npz`` and then ``result.json``, the marker that the run completed.
 """
 import dataclasses
+import importlib
 import json
 import os
 import sys
@@ -18,13 +19,14 @@ from chainer import training
 from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
-from distmulti import checkpoint
+from distmulti import checkpoint, errors
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
 from distmulti.watchdog import Watchdog
 from distmulti.config import TrainConfig
-from distmulti.data import ShuffledIterator, check_labels, digit_strips, labels_of
-from distmulti.errors import CheckpointError, ConfigError, DataError
+from distmulti.data import ShuffledIterator, check_label_shape, check_labels, digit_strips
+from distmulti.datasets import labels_array, load_dataset, split_dataset
+from distmulti.errors import CheckpointError, ConfigError, DataError, DistmultiError
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
@@ -41,24 +43,37 @@ def _stderr_log(msg: str) -> None:
     print(f'distmulti: {msg}', file=sys.stderr, flush=True)
 
 
-def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=None,
-          test_data=None, comm=None, log: Callable[[str], None] = None) -> Dict[str, Any]:
-    """Trains ``net`` (default: the built-in CNN) and returns the final result dictionary.
+def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None, heads=None,
+          optimizers=None, train_data=None, test_data=None, comm=None,
+          log: Callable[[str], None] = None) -> Dict[str, Any]:
+    """Trains a multi-head network and returns the final result dictionary.
 
-    Every rank calls this with the same config; collective steps are marked below.
+    Every rank calls this with the same arguments; collective steps are marked below.
 
     Args:
         config: the run's options; validated here.
-        net: a ``MultiHeadNet``; ``config.heads`` is taken from it.
-        train_data, test_data: datasets of (x, t) pairs, t of shape (K,); default: the
-            embedded digit strips. Under MPI only rank 0's are used (others may pass None).
+        net: a ``MultiHeadNet``; or give ``base`` and ``heads`` (a list, or a dict of named
+            heads) instead; or neither for ``config.model`` or the built-in CNN.
+            ``config.heads`` is taken from the network.
+        optimizers: ``{'base': opt, '<head>': opt, ...}`` (set up here if not yet), or a
+            factory ``f(name, link) -> optimizer``; default: ``config.optimizer(s)``/``lr``.
+        train_data, test_data: datasets of (x, t) pairs, t of shape (K,); without
+            ``test_data`` a seeded ``config.test_fraction`` of ``train_data`` is held out.
+            Default: ``config.dataset`` or the embedded digit strips. Under MPI only rank 0's
+            are used (others may pass None).
         comm: the process group (default: MPI.COMM_WORLD under mpiexec, else one process).
         log: where one-line messages go (default: stderr).
     """
     log = log or _stderr_log
-    if net is not None:
-        config = dataclasses.replace(config, heads=net.n_heads)
-    config = dataclasses.replace(config).validate()
+    network = 'python' if (net is not None or base is not None or heads is not None) else (
+        config.model or 'default')
+    if net is None and base is None and heads is None:
+        config = dataclasses.replace(config).validate(check_parts=config.model is None)
+        np.random.seed(config.seed)  # parameter initialisation
+        net = load_model(config.model) if config.model else default_net(config.heads)
+    elif net is None:
+        net = MultiHeadNet(base, heads)
+    config = dataclasses.replace(config, heads=net.n_heads).validate(net.head_names)
     on_gpu = config.device.startswith('@cupy')
     world = comm or create_world(config.communicator, on_gpu=on_gpu, log=log)
     root_log = log if world.is_root else (lambda msg: None)
@@ -66,13 +81,8 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=No
     device = resolve_device(rank_device_spec(config.device, world))
     _seed_everything(config.seed, device)
 
-    if world.is_root and train_data is None and test_data is None:
-        train_split, test_split = digit_strips(config.heads, config.train_size,
-                                               config.test_size, seed=config.seed)
-        train_data, test_data = train_split.dataset(), test_split.dataset()
-    if world.is_root and (train_data is None or test_data is None):
-        raise ConfigError('give both train_data and test_data, or neither for the embedded '
-                          'data', collective=world.size == 1)
+    train_data, test_data, sources = _on_root(
+        world, lambda: _load_data(config, train_data, test_data), (None, None, []))  # collective
     full_train, full_test = train_data, test_data
     if world.size > 1:                                                  # collective
         import chainermn
@@ -91,18 +101,17 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=No
         raise ConfigError(f'batchsize {config.batchsize} is larger than {shard}; use at most '
                           f'{len(train_data)}', collective=True)
 
-    net = net if net is not None else default_net(config.heads)
+    _on_root(world, lambda: [check_label_shape(labels_array(data), net.n_heads, name)
+                             for data, name in sources], None)          # collective
     net.to_device(device)
-    first_x = chainer.dataset.concat_examples([full_train[0]], device)[0]
-    classes = net.initialize(first_x)
-    check_labels(labels_of(full_train), classes, 'training data')
-    check_labels(labels_of(full_test), classes, 'test data')
-
-    optimizers = {}
-    for name in config.optimizer_names:
-        spec = config.optimizer_spec(name)
-        optimizers[name] = create_optimizer(spec['type'], spec['lr'])
-        optimizers[name].setup(getattr(net, name))
+    first_x, first_t = chainer.dataset.concat_examples([full_train[0]], device)
+    try:
+        classes = net.initialize(first_x, first_t)
+    except DataError as e:
+        raise DataError(str(e), collective=True) from None
+    _on_root(world, lambda: [check_labels(labels_array(data), classes, name, net.head_names)
+                             for data, name in sources], None)          # collective
+    optimizers = _make_optimizers(config, net, optimizers)
 
     train_iter = ShuffledIterator(train_data, config.batchsize, seed=config.seed + world.rank)
     test_iter = SerialIterator(test_data, max(config.batchsize, EVAL_BATCHSIZE),
@@ -142,6 +151,7 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=No
         'epoch_detail': updater.epoch_detail,
         'wall_time_s': wall,
         'run_id': os.environ.get('DISTMULTI_RUN_ID'),
+        'network': network,
         'world_size': world.size,
         'global_batchsize': config.batchsize * world.size,
         'version': __version__,
@@ -157,6 +167,100 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, train_data=No
                  f'({int(result["test"]["samples"])} samples, {updater.iteration} iterations, '
                  f'{wall:.1f} s); wrote {os.path.join(config.out, MODEL_FILE)} and {result_path}')
     return result
+
+
+def _on_root(world, load, empty):
+    """Runs ``load`` on rank 0; a user error there is raised on every rank alike."""
+    result, error = empty, None
+    if world.is_root:
+        try:
+            result = load()
+        except DistmultiError as e:
+            error = (type(e).__name__, str(e))
+    error = world.allgather_obj(error)[0]
+    if error is not None:
+        raise getattr(errors, error[0])(error[1], collective=True)
+    return result
+
+
+def _load_data(config: TrainConfig, train_data, test_data):
+    """(train, test, sources) from the caller's datasets, ``config.dataset`` or the embedded
+    data; ``sources`` are the datasets as given or loaded, with the names errors use, so a bad
+    label is reported at its row in the user's file (before any split)."""
+    if train_data is None and test_data is not None:
+        raise ConfigError('test_data was given without train_data')
+    names = ('training data', 'test data')
+    if train_data is None and config.dataset:
+        train_data = load_dataset(config.dataset)
+        names = (config.dataset, 'test data')
+        if config.test_dataset:
+            test_data = load_dataset(config.test_dataset)
+            names = (config.dataset, config.test_dataset)
+    if train_data is None:
+        train_split, test_split = digit_strips(config.heads, config.train_size,
+                                               config.test_size, seed=config.seed)
+        train_data, test_data = train_split.dataset(), test_split.dataset()
+    if test_data is None:
+        return split_dataset(train_data, config.test_fraction, config.seed) + (
+            [(train_data, names[0])],)
+    return train_data, test_data, [(train_data, names[0]), (test_data, names[1])]
+
+
+def load_model(spec: str) -> MultiHeadNet:
+    """Calls the factory named by ``package.module:factory``; it returns (base, heads) or a
+    MultiHeadNet. The current directory is importable, as for ``python -m``."""
+    module_name, attr = spec.split(':', 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f'--model {spec}: cannot import {module_name!r} ({e})') from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f'--model {spec}: {module_name} has no callable {attr!r}')
+    made = factory()
+    if isinstance(made, MultiHeadNet):
+        return made
+    if (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], chainer.Link)
+            and isinstance(made[1], (list, tuple, dict)) and made[1]):
+        try:
+            return MultiHeadNet(*made)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f'--model {spec}: {e}') from None
+    raise ConfigError(f'--model {spec}: the factory must return (base, heads) with heads a '
+                      f'non-empty list or dict of links, or a MultiHeadNet; got '
+                      f'{type(made).__name__}')
+
+
+def _make_optimizers(config: TrainConfig, net: MultiHeadNet, given) -> Dict[str, Any]:
+    names = ['base'] + net.head_names
+    if given is None:
+        made = {}
+        for name in names:
+            spec = config.optimizer_spec(name)
+            made[name] = create_optimizer(spec['type'], spec['lr'])
+    elif callable(given) and not isinstance(given, dict):
+        made = {name: given(name, getattr(net, name)) for name in names}
+    elif isinstance(given, dict):
+        if sorted(given) != sorted(names):
+            raise ConfigError(f'optimizers must have exactly the names {", ".join(names)}, '
+                              f'got {", ".join(sorted(given)) or "none"}')
+        made = dict(given)
+    else:
+        raise ConfigError(f'optimizers must be a dict of name -> optimizer or a factory '
+                          f'f(name, link), got {type(given).__name__}')
+    for name, optimizer in made.items():
+        if not isinstance(optimizer, chainer.Optimizer):
+            raise ConfigError(f'optimizer for {name!r} must be a chainer.Optimizer, got '
+                              f'{type(optimizer).__name__}')
+        link = getattr(net, name)
+        if optimizer.target is None:
+            optimizer.setup(link)
+        elif optimizer.target is not link:
+            raise ConfigError(f'optimizer for {name!r} is set up on another link; set it up on '
+                              f'net.{name} or leave it unset')
+    return made
 
 
 def _check_same_run(world, config: TrainConfig) -> None:
@@ -243,20 +347,21 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
     if not world.is_root:
         return
     trainer.extend(extensions.LogReport(trigger=report_trigger))
-    heads = range(config.heads)
+    net = evaluator.get_target('main')
+    with_acc = [name for name, ok in zip(net.head_names, net.has_logits) if ok]
     trainer.extend(extensions.PrintReport(
         ['epoch', 'iteration', 'main/loss', 'validation/main/loss']
-        + [f'validation/main/head{i}/accuracy' for i in heads]
+        + [f'validation/main/{name}/accuracy' for name in with_acc]
         + ['validation/main/accuracy_all', 'elapsed_time']))
     if config.progress:
         trainer.extend(extensions.ProgressBar(update_interval=10))
     if config.plot and extensions.PlotReport.available():
         plots = {'loss.png': ['main/loss', 'validation/main/loss'],
                  'accuracy_all.png': ['main/accuracy_all', 'validation/main/accuracy_all']}
-        for i in heads:
-            for what in ('loss', 'accuracy'):
-                plots[f'head{i}_{what}.png'] = [f'main/head{i}/{what}',
-                                                f'validation/main/head{i}/{what}']
+        for name in net.head_names:
+            for what in ('loss', 'accuracy') if name in with_acc else ('loss',):
+                plots[f'{name}_{what}.png'] = [f'main/{name}/{what}',
+                                               f'validation/main/{name}/{what}']
         for filename, keys in plots.items():
             trainer.extend(extensions.PlotReport(keys, x_key=report_trigger[1],
                                                  trigger=report_trigger, filename=filename))

@@ -17,7 +17,6 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 import chainer
-import chainer.functions as F
 from chainer.dataset import convert
 from chainer.training import StandardUpdater
 
@@ -39,7 +38,8 @@ class MultiHeadUpdater(StandardUpdater):
         iterator: the training iterator (or ``{'main': iterator}``) over this rank's shard;
             yields (x, t) with t of shape (B, K).
         net: the network; its base and heads are the optimizers' targets.
-        optimizers: ``{'base': opt, 'head0': opt, ...}``, each set up on ``net.<name>``.
+        optimizers: ``{'base': opt, '<head name>': opt, ...}`` (heads are ``head0``, ``head1``,
+            ... unless the net was built from a dict), each set up on ``net.<name>``.
         loss_weights: one weight per head for the summed loss (default all 1).
         backward: ``'fused'`` (one backward of the weighted sum) or ``'per_loss'``.
         frozen: indices of heads whose parameters stay fixed (their optimizers never step);
@@ -77,7 +77,7 @@ class MultiHeadUpdater(StandardUpdater):
         self.comm = comm or LocalComm()
         self.grad_sync = grad_sync
         self.heartbeat = None  # called with the iteration count after every update
-        self.frozen = frozenset(f'head{i}' for i in frozen)
+        self.frozen = frozenset(net.head_names[i] for i in frozen)
         for name in self.frozen:
             # After optimizer.setup(), which would replace a disabled update rule.
             getattr(net, name).disable_update()
@@ -96,18 +96,17 @@ class MultiHeadUpdater(StandardUpdater):
         batch = self.get_iterator('main').next()
         x, t = self.converter(batch, self.input_device)
         net, comm = self.net, self.comm
-        logits = net(x)
-        losses = net.sample_losses(logits, t)
+        outputs = net.head_outputs(x, t)
         layout = Layout(net.n_heads)
         # The same small collective on every rank, every iteration, before any decision.
-        stats = comm.allreduce_sum(batch_stats(logits, losses, t))
+        stats = comm.allreduce_sum(batch_stats(outputs, t))
         if not np.isfinite(layout.loss_sums(stats)).all():
             self._raise_non_finite(layout.loss_sums(stats))
 
         for optimizer in self._optimizers.values():
             optimizer.target.cleargrads()
-        terms = [F.sum(loss) * float(w * comm.size / n)
-                 for loss, w, n in zip(losses, self.loss_weights, layout.labelled(stats))
+        terms = [out.loss_sum * float(w * comm.size / n)
+                 for out, w, n in zip(outputs, self.loss_weights, layout.labelled(stats))
                  if n > 0]
         if self.backward_mode == 'fused' and terms:
             total = terms[0]
@@ -122,7 +121,7 @@ class MultiHeadUpdater(StandardUpdater):
         for name, optimizer in self._optimizers.items():
             if name not in self.frozen:
                 optimizer.update()
-        chainer.report(summarize(stats, self.loss_weights, 'main/'))
+        chainer.report(summarize(stats, self.loss_weights, 'main/', net.head_names))
 
     def serialize(self, serializer):
         super().serialize(serializer)
@@ -130,7 +129,8 @@ class MultiHeadUpdater(StandardUpdater):
         self.checkpoint_world_size = int(serializer('world_size', self.comm.size))
 
     def _raise_non_finite(self, loss_sums: np.ndarray) -> None:
-        bad = [f'head{i} ({v})' for i, v in enumerate(loss_sums) if not np.isfinite(v)]
+        bad = [f'{name} ({v})' for name, v in zip(self.net.head_names, loss_sums)
+               if not np.isfinite(v)]
         raise NonFiniteLossError(
             f'non-finite loss at iteration {self.iteration + 1}: {", ".join(bad)}; training '
             f'stopped before this update, earlier checkpoints are kept (try a lower learning '
