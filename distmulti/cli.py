@@ -246,7 +246,8 @@ def run_launch(args: argparse.Namespace) -> int:
         print(shlex.join(command(train_args)))
         return 0
     return launcher.supervise(command, train_args, env, config.out, args.nprocs,
-                              args.max_restarts, log=_stderr_log)
+                              args.max_restarts, log=_stderr_log,
+                              hang_timeout=config.hang_timeout)
 
 
 def _stderr_log(message: str) -> None:

@@ -176,11 +176,22 @@ def current_world() -> Optional[LocalComm]:
     return _world
 
 
-def rank_device_spec(spec: str, world: LocalComm) -> str:
-    """With several ranks, each rank takes the GPU of its intra-node rank."""
+def rank_device_spec(spec: str, world: LocalComm, visible_gpus: Optional[int] = None) -> str:
+    """With several ranks, each rank takes the GPU of its intra-node rank, modulo the GPUs it
+    can see (one when a scheduler binds a GPU per task or per container)."""
     if spec.startswith('@cupy:') and world.size > 1:
-        return f'@cupy:{world.intra_rank}'
+        if visible_gpus is None:
+            visible_gpus = _visible_gpus()
+        return f'@cupy:{world.intra_rank % visible_gpus if visible_gpus else world.intra_rank}'
     return spec
+
+
+def _visible_gpus() -> int:
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # no CuPy or no driver: resolve_device will explain
+        return 0
 
 
 def resolve_device(spec: str) -> chainer.backend.Device:

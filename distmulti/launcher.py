@@ -8,8 +8,10 @@ instead of leaving the others waiting in a collective.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -131,22 +133,70 @@ def restart_args(train_args: Sequence[str]) -> List[str]:
     return out + ['--resume', 'auto']
 
 
+HEARTBEAT_FILE = '.distmulti-heartbeat'
+KILL_GRACE_S = 15.0
+
+
+def run_watched(argv: List[str], env: Mapping[str, str], heartbeat: Optional[str],
+                stale_after: Optional[float], log: Callable[[str], None]) -> int:
+    """Runs mpiexec in its own process group and returns its status.
+
+    With ``heartbeat``: once rank 0 has written that file, a file older than ``stale_after``
+    seconds means the job is stuck where even MPI_Abort cannot end it (mpiexec waiting on a
+    daemon behind a cut link): the whole process group is SIGKILLed (SIGTERM does not end a
+    hung mpiexec) and 137 returned.
+    """
+    proc = subprocess.Popen(argv, env=dict(env), start_new_session=True)
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            if heartbeat and stale_after and os.path.exists(heartbeat):
+                age = time.time() - os.path.getmtime(heartbeat)
+                if age > stale_after:
+                    log(f'no heartbeat from rank 0 for {age:.0f} s and mpiexec is still '
+                        f'running: killing the job')
+                    _kill_group(proc)
+                    return 137
+    except KeyboardInterrupt:
+        _kill_group(proc, signal.SIGTERM)
+        raise
+
+
+def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        if sig != signal.SIGKILL:
+            _kill_group(proc)
+    except OSError:
+        pass
+
+
 def supervise(command: Callable[[List[str]], List[str]], train_args: Sequence[str],
               env: Mapping[str, str], out: str, nprocs: int, max_restarts: int,
-              log: Callable[[str], None], run=subprocess.call) -> int:
+              log: Callable[[str], None], hang_timeout: Optional[float] = None) -> int:
     """Runs the job; while it fails and restarts remain, reruns it from the newest checkpoint.
 
     Returns 0 once a run's completion marker is there, else the last non-zero status (1 when
-    mpiexec said 0 without a marker).
+    mpiexec said 0 without a marker). With ``hang_timeout`` (the ranks' watchdog), a job whose
+    rank 0 heartbeat is older than ``hang_timeout + KILL_GRACE_S`` is killed.
     """
     attempts = max_restarts + 1
     args = list(train_args)
+    heartbeat = os.path.join(out, HEARTBEAT_FILE) if hang_timeout else None
     for attempt in range(1, attempts + 1):
         run_id = uuid.uuid4().hex
         argv = command(args)
         log(f'launching {nprocs} ranks (attempt {attempt}/{attempts}): '
             f'{" ".join(argv)}')
-        code = run(argv, env=dict(env, DISTMULTI_RUN_ID=run_id))
+        if heartbeat and os.path.exists(heartbeat):
+            os.unlink(heartbeat)  # the previous attempt's
+        code = run_watched(argv, dict(env, DISTMULTI_RUN_ID=run_id), heartbeat,
+                           hang_timeout + KILL_GRACE_S if hang_timeout else None, log)
         if completed(out, run_id):
             if code != 0:
                 log(f'mpiexec exited with status {code} after the run completed '

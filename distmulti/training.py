@@ -22,6 +22,7 @@ from chainer.training import extensions
 from distmulti import checkpoint, errors
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
+from distmulti.launcher import HEARTBEAT_FILE
 from distmulti.watchdog import Watchdog
 from distmulti.config import TrainConfig
 from distmulti.data import ShuffledIterator, check_label_shape, check_labels, digit_strips
@@ -126,7 +127,9 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
                                    device=device, comm=world)
     watchdog = None
     if config.hang_timeout:
-        watchdog = Watchdog(config.hang_timeout, world.rank, on_fire=_abort_job(world), log=log)
+        watchdog = Watchdog(config.hang_timeout, world.rank, on_fire=_abort_job(world), log=log,
+                            heartbeat_path=(os.path.join(config.out, HEARTBEAT_FILE)
+                                            if world.is_root else None))
         updater.heartbeat = watchdog.beat
         evaluator.heartbeat = watchdog.beat
     _add_extensions(trainer, evaluator, config, len(train_data), world, watchdog)

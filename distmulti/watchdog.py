@@ -6,6 +6,9 @@ least every ``timeout`` seconds: after every training iteration and every evalua
 Local work that may take long (writing a checkpoint) pauses it. When it fires, it names the
 rank and the last completed iteration, then ends the whole job (MPI_Abort, else the process),
 so that a supervisor (``distmulti launch --max-restarts``) can restart from a checkpoint.
+On rank 0 it also touches a heartbeat file while training is healthy: the supervisor kills a
+job whose heartbeat went stale but whose mpiexec did not end (a cut link can leave mpiexec
+waiting on an unreachable daemon even after MPI_Abort).
 """
 import contextlib
 import os
@@ -21,7 +24,8 @@ class Watchdog:
     """Fires ``on_fire`` if no heartbeat arrives for ``timeout`` seconds (outside pauses)."""
 
     def __init__(self, timeout: float, rank: int, on_fire: Callable[[], None],
-                 log: Optional[Callable[[str], None]] = None, exit_process: bool = True):
+                 log: Optional[Callable[[str], None]] = None, exit_process: bool = True,
+                 heartbeat_path: Optional[str] = None):
         self.timeout = float(timeout)
         self.rank = rank
         self._on_fire = on_fire
@@ -30,6 +34,8 @@ class Watchdog:
         self._iteration = 0
         self._paused = 0
         self._exit_process = exit_process
+        # Touched by the watchdog thread while training is healthy, for the supervisor.
+        self._heartbeat_path = heartbeat_path
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name='distmulti-watchdog',
@@ -68,6 +74,8 @@ class Watchdog:
                 idle = time.monotonic() - self._last
                 fire = not self._paused and idle > self.timeout
                 iteration = self._iteration
+            if not fire and self._heartbeat_path:
+                _touch(self._heartbeat_path)
             if fire:
                 self._log(f'rank {self.rank}: no training iteration completed in '
                           f'{self.timeout:g} s (last completed iteration {iteration}); a peer '
@@ -79,3 +87,11 @@ class Watchdog:
                     if self._exit_process:
                         os._exit(EXIT_HANG)
                 return
+
+
+def _touch(path: str) -> None:
+    try:
+        with open(path, 'a'):
+            os.utime(path)
+    except OSError:
+        pass  # a missing or read-only folder must not stop training
