@@ -256,7 +256,8 @@ def test_hostfile_sh_rejects_bad_arguments(tmp_path, argv, message):
 @pytest.mark.skipif(shutil.which('shellcheck') is None,
                     reason='shellcheck is not installed (apt-get install shellcheck)')
 def test_launch_scripts_are_shellcheck_clean():
-    proc = subprocess.run(['shellcheck', MPIEXEC_SH, HOSTFILE_SH], capture_output=True,
+    proc = subprocess.run(['shellcheck', MPIEXEC_SH, HOSTFILE_SH,
+                           os.path.join(ROOT, 'launch', 'containers.sh')], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
