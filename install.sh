@@ -11,17 +11,23 @@ set -eu
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
+# constraints-numpy2.txt instead gives the numpy 2 environment (README, "numpy 2").
+CONSTRAINTS=${CONSTRAINTS:-constraints.txt}
 
-if ! "$PYTHON" -c 'import sys; sys.exit(not ((3, 9) <= sys.version_info[:2] < (3, 12)))'; then
-    echo "install.sh: $("$PYTHON" -V 2>&1) found; distmulti needs Python 3.9 to 3.11" \
-         "(chainer 7.8.1 does not import on 3.12 without patches). Set PYTHON=python3.11." >&2
+if ! "$PYTHON" -c 'import sys; sys.exit(not ((3, 9) <= sys.version_info[:2] < (3, 13)))'; then
+    echo "install.sh: $("$PYTHON" -V 2>&1) found; distmulti needs Python 3.9 to 3.12." \
+         "Set PYTHON=python3.11 (or another Python in that range)." >&2
+    exit 2
+fi
+if [ ! -f "$CONSTRAINTS" ]; then
+    echo "install.sh: constraints file $CONSTRAINTS not found" >&2
     exit 2
 fi
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-PIP_CONSTRAINT="$PWD/constraints.txt"
-PIP_BUILD_CONSTRAINT="$PWD/constraints.txt"
+PIP_CONSTRAINT="$PWD/$CONSTRAINTS"
+PIP_BUILD_CONSTRAINT="$PWD/$CONSTRAINTS"
 PIP_DISABLE_PIP_VERSION_CHECK=1
 export PIP_CONSTRAINT PIP_BUILD_CONSTRAINT PIP_DISABLE_PIP_VERSION_CHECK
 if [ "$#" -eq 0 ]; then

@@ -27,12 +27,15 @@ setup(
     long_description=long_description,
     long_description_content_type='text/markdown',
     packages=find_packages(include=['distmulti', 'distmulti.*']),
-    python_requires='>=3.9,<3.12',
+    python_requires='>=3.9,<3.13',
     install_requires=[
         'chainer==7.8.1',
-        # Measured range (numpy 2 fails at `import chainer`).
-        'numpy>=1.23.5,<2',
-        # `import chainer` imports numpy.distutils, which needs setuptools<74.
+        # Measured range: 1.23.5-1.26.x as chainer was released for, 2.x through
+        # distmulti._compat (2.4.6 and 2.5.5 measured; CuPy 14 accepts numpy < 2.6).
+        # install.sh picks the 1.x line by default (constraints.txt); see README.
+        'numpy>=1.23.5,<2.6',
+        # chainer's sdist build imports pkg_resources; a plain `import chainer` (before
+        # distmulti) still needs numpy.distutils, which needs setuptools<74.
         'setuptools<74',
         'mpi4py>=3.1',
         # Embedded MPI; cluster users swap in their own (README, "System MPI").

@@ -1,4 +1,7 @@
 """distmulti: shared-base, multi-head Chainer training, from one CPU to many GPUs."""
+# First: lets chainer 7.8.1 import on numpy 2 / Python 3.12 / CuPy 14 (see _compat.py).
+from distmulti import _compat
+_compat.apply()
 from distmulti._version import __version__
 from distmulti.config import TrainConfig
 from distmulti.errors import (CheckpointError, ConfigError, DataError, DeviceError,

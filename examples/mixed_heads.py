@@ -7,12 +7,12 @@ own optimizer.
 """
 import sys
 
+import distmulti  # first: it makes chainer import on numpy 2
 import chainer
 import chainer.links as L
 import numpy as np
 from chainer.datasets import TupleDataset
 
-import distmulti
 from distmulti.data import digit_strips
 
 train_digits, test_digits = digit_strips(1, 4000, 600, seed=0)  # one 8x8 digit per sample

@@ -4,11 +4,10 @@ by distmulti. One process:   python examples/seed_pattern.py [OUT] [ITERATIONS]
 """
 import sys
 
+import distmulti  # first: it makes chainer import on numpy 2
 import chainer
 import chainer.functions as F
 import chainer.links as L
-
-import distmulti
 
 
 # --- the user's existing code: a base CNN and one linear classifier per digit position ---

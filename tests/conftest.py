@@ -1,5 +1,8 @@
-"""Skips tests marked ``gpu`` on machines without a usable CUDA GPU and CuPy."""
+"""Imports distmulti before anything imports chainer (its compatibility layer must come first
+on numpy 2), and skips tests marked ``gpu`` without a usable CUDA GPU and CuPy."""
 import pytest
+
+import distmulti  # noqa: F401
 
 
 def _gpu_reason():

@@ -5,6 +5,7 @@ must end the job) and as ``python -m mpi4py script``.
 """
 import sys
 
+import distmulti  # noqa: F401  (first: it makes chainer import on numpy 2)
 import chainer
 
 from distmulti import BaseCNN, MLPHead, MultiHeadNet, TrainConfig, train

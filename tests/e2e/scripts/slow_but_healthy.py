@@ -3,6 +3,7 @@
 import sys
 import time
 
+import distmulti  # noqa: F401  (first: it makes chainer import on numpy 2)
 import chainer
 
 import distmulti.training
