@@ -39,16 +39,24 @@ def save_npz(path: str, obj) -> None:
         serializer = DictionarySerializer()
         serializer.save(obj)
         target = serializer.target
+    with atomic_file(path, 'wb') as f:
+        with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as zf:
+            for key in sorted(target):
+                value = np.asarray(chainer.backend.CpuDevice().send(target[key]))
+                info = zipfile.ZipInfo(key + '.npy', date_time=_EPOCH)
+                with zf.open(info, 'w', force_zip64=True) as member:
+                    np.lib.format.write_array(member, value, allow_pickle=False)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = 'w'):
+    """A file object whose content appears at ``path`` only once complete: it is written to a
+    temporary file in the same folder, flushed to disk, then renamed over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path), dir=directory)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as zf:
-                for key in sorted(target):
-                    value = np.asarray(chainer.backend.CpuDevice().send(target[key]))
-                    info = zipfile.ZipInfo(key + '.npy', date_time=_EPOCH)
-                    with zf.open(info, 'w', force_zip64=True) as member:
-                        np.lib.format.write_array(member, value, allow_pickle=False)
+        with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,7 +80,8 @@ def load_npz(path: str, obj, strict: bool = True, ignore_names=None) -> None:
     except ValueError as e:
         if 'allow_pickle' in str(e):
             raise CheckpointError(f'{path!r} contains pickled Python objects; distmulti never '
-                                  f'loads pickles (they can run code), so it is refused', collective=True) from None
+                                  f'loads pickles (they can run code), so it is refused',
+                                  collective=True) from None
         raise CheckpointError(f'{path!r} does not fit this model/run: {e}',
                               collective=True) from None
     except KeyError as e:
@@ -138,7 +147,8 @@ def write_checkpoint(out: str, iteration: int, target, manifest: dict, keep: int
     record = dict(manifest, version=MANIFEST_VERSION, iteration=iteration,
                   file=os.path.basename(path), sha256=file_sha256(path),
                   bytes=os.path.getsize(path), written_at=time.time())
-    _write_text_atomic(manifest_path, json.dumps(record, indent=2, sort_keys=True))
+    with atomic_file(manifest_path) as f:
+        f.write(json.dumps(record, indent=2, sort_keys=True))
     for old in list_checkpoints(out)[keep:]:
         for stale in checkpoint_paths(out, old):
             if os.path.exists(stale):
@@ -247,18 +257,3 @@ class Checkpointer(chainer.training.Extension):
             return
         np.random.set_state(('MT19937', np.asarray(keys, dtype=np.uint32), int(state[0]),
                              int(state[1]), float(state[2])))
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, 'w', encoding='utf-8') as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

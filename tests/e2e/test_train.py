@@ -9,7 +9,6 @@ import chainer
 from chainer.datasets import TupleDataset
 
 from distmulti import MLPHead, MultiHeadNet, BaseCNN, TrainConfig, train
-from distmulti.checkpoint import load_npz
 from distmulti.cli import main
 from distmulti.errors import DataError, NonFiniteLossError
 from tests.helpers import run_cli, sha256
