@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument('--max-restarts', type=int, default=0, metavar='R',
                     help='restart the whole job from the newest checkpoint up to R times when '
                          'it fails (default 0)')
+    la.add_argument('--restart-delay', type=float, default=5.0, metavar='SECONDS',
+                    help='wait this long before each restart (default 5)')
     la.add_argument('--dry-run', action='store_true', help='print the command, run nothing')
     la.add_argument('train_args', nargs=argparse.REMAINDER,
                     help='-- then arguments for distmulti train')
@@ -226,6 +228,8 @@ def run_launch(args: argparse.Namespace) -> int:
         raise ConfigError(f'-n must be at least 1, got {args.nprocs}')
     if args.max_restarts < 0:
         raise ConfigError(f'--max-restarts must be >= 0, got {args.max_restarts}')
+    if not args.restart_delay >= 0:
+        raise ConfigError(f'--restart-delay must be >= 0 seconds, got {args.restart_delay}')
     if args.hostfile and not os.path.isfile(args.hostfile):
         raise ConfigError(f'hostfile {args.hostfile!r} does not exist')
     config = config_from_args(parse_args(['train'] + train_args))  # fail here, not on N ranks
@@ -247,7 +251,8 @@ def run_launch(args: argparse.Namespace) -> int:
         return 0
     return launcher.supervise(command, train_args, env, config.out, args.nprocs,
                               args.max_restarts, log=_stderr_log,
-                              hang_timeout=config.hang_timeout)
+                              hang_timeout=config.hang_timeout,
+                              restart_delay=args.restart_delay)
 
 
 def _stderr_log(message: str) -> None:

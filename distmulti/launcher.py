@@ -178,12 +178,14 @@ def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
 
 def supervise(command: Callable[[List[str]], List[str]], train_args: Sequence[str],
               env: Mapping[str, str], out: str, nprocs: int, max_restarts: int,
-              log: Callable[[str], None], hang_timeout: Optional[float] = None) -> int:
+              log: Callable[[str], None], hang_timeout: Optional[float] = None,
+              restart_delay: float = 5.0) -> int:
     """Runs the job; while it fails and restarts remain, reruns it from the newest checkpoint.
 
     Returns 0 once a run's completion marker is there, else the last non-zero status (1 when
     mpiexec said 0 without a marker). With ``hang_timeout`` (the ranks' watchdog), a job whose
-    rank 0 heartbeat is older than ``hang_timeout + KILL_GRACE_S`` is killed.
+    rank 0 heartbeat is older than ``hang_timeout + KILL_GRACE_S`` is killed. Each restart waits
+    ``restart_delay`` seconds first (a host or link that just failed often comes back).
     """
     attempts = max_restarts + 1
     args = list(train_args)
@@ -212,6 +214,7 @@ def supervise(command: Callable[[List[str]], List[str]], train_args: Sequence[st
                                            'checkpoint)'))
             return status
         log(f'job failed: {reason}; restart {attempt}/{max_restarts} from the newest '
-            f'checkpoint in {out}')
+            f'checkpoint in {out} in {restart_delay:g} s')
+        time.sleep(restart_delay)
         args = restart_args(train_args)
     return 1  # not reached

@@ -21,7 +21,7 @@ def test_a_host_cut_off_mid_run_is_survived_by_watchdog_and_supervisor(multihost
         hostfile = cluster.write_hostfile(str(tmp_path / 'hosts'))
         out = tmp_path / 'out'
         argv = ([sys.executable, '-m', 'distmulti', 'launch', '-n', '2', '--hostfile', hostfile,
-                 '--max-restarts', '1'] + [f'--mpi-arg={a}' for a in mpi_args]
+                 '--max-restarts', '1', '--restart-delay', '10'] + [f'--mpi-arg={a}' for a in mpi_args]
                 + ['--', *QUICK, '--iterations', '1500', '--checkpoint-interval', '100',
                    '--hang-timeout', '5', '--out', str(out)])
         job = Job(cluster, 'h1', argv, str(tmp_path / 'job.log'), job_env())
@@ -30,12 +30,12 @@ def test_a_host_cut_off_mid_run_is_survived_by_watchdog_and_supervisor(multihost
         cluster.cut_link('h2')
         job.wait_until(lambda: 'job failed:' in job.output(), 120,
                        'the supervisor noticing the lost host')
-        cluster.restore_link('h2')
+        cluster.restore_link('h2')  # the host is back before the restart, 10 s later
         code = job.wait(300, what='the restarted job')
         output = job.output()
     assert code == 0, output[-4000:]
     assert 'no training iteration completed in 5 s (last completed iteration' in output
-    assert 'restart 1/1 from the newest checkpoint' in output
+    assert 'restart 1/1 from the newest checkpoint' in output and ' in 10 s' in output
     assert 'same number of ranks (2)' in output
     result = json.loads((out / 'result.json').read_text())
     assert result['iterations'] == 1500 and result['world_size'] == 2

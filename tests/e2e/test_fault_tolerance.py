@@ -46,7 +46,8 @@ def rank_pids(out_dir):
 
 
 def launch(n, out, *train_args, restarts=0):
-    return [PYTHON, '-m', 'distmulti', 'launch', '-n', n, '--max-restarts', restarts, '--',
+    return [PYTHON, '-m', 'distmulti', 'launch', '-n', n, '--max-restarts', restarts,
+            '--restart-delay', 1, '--',
             '--out', out, *train_args]
 
 
