@@ -19,14 +19,6 @@ QUICK = ['--train-size', '480', '--test-size', '100', '--batchsize', '8', '--no-
          '--no-plot']
 
 
-@pytest.fixture(scope='module')
-def cpu_image():
-    reason = images.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    return images.build_cpu_image()
-
-
 def start_script(image, results, n, *train_args, mpi_args=()):
     env = {'CONTAINER_ENGINE': shlex.join(images.podman_argv()),
            'CONTAINER_RUN_FLAGS': ' '.join([*images.ULIMITS, '--no-healthcheck'])}

@@ -29,14 +29,6 @@ def _hadolint():
 
 
 @pytest.fixture(scope='session')
-def cpu_image():
-    reason = images.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    return images.build_cpu_image()
-
-
-@pytest.fixture(scope='session')
 def gpu_image():
     reason = images.missing_reason()
     if reason:

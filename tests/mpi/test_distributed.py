@@ -1,6 +1,7 @@
 """Data-parallel correctness. Expectations come from comm.size, so these pass under plain
 pytest (one process) and under ``mpiexec -n 2 python -m mpi4py -m pytest tests/mpi``
-(tests/e2e/test_mpi.py runs that). Every collective happens before any assert."""
+(tests/e2e/test_mpi.py runs that under a timeout). Every collective happens before any
+assert."""
 import hashlib
 import os
 import tempfile

@@ -1,4 +1,5 @@
-"""`distmulti launch`: the mpiexec argv, built by pure functions and compared whole."""
+"""`distmulti launch`: the mpiexec argv, built by pure functions and compared whole. Nothing
+here starts a job: --dry-run only runs `mpiexec --version`, under a 30 s timeout."""
 import os
 import sys
 

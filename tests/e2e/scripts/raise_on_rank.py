@@ -1,6 +1,6 @@
 """Trains through the Python API; the last rank's head raises at its 5th training step.
 
-Run under mpiexec by tests/e2e/test_mpi.py, both as ``python script`` (distmulti's abort hook
+Run under mpiexec, with a timeout, by tests/e2e/test_mpi.py, both as ``python script`` (distmulti's abort hook
 must end the job) and as ``python -m mpi4py script``.
 """
 import sys
