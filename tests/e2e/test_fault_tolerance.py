@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import MPIEXEC, ROOT, finish, run_cli, sha256, start
+from tests.helpers import MPIEXEC, ROOT, Payload, finish, run_cli, sha256, start
 
 PYTHON = sys.executable
 QUICK = ['--no-progress', '--no-plot', '--train-size', '480', '--test-size', '100',
@@ -140,21 +140,13 @@ def test_resume_auto_without_a_checkpoint_starts_fresh_and_says_so(tmp_path):
     assert 'no valid checkpoint in' in proc.stderr and 'starting from the beginning' in proc.stderr
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, 'w'))
-
-
 def test_a_checkpoint_carrying_a_pickle_is_refused_and_never_runs(tmp_path):
     _two_checkpoints(tmp_path / 'run')
     marker = tmp_path / 'payload-ran'
     good = np.load(tmp_path / 'run' / 'checkpoint_iter_20.npz')
     arrays = {key: good[key] for key in good.files}
     assert 'updater/model:base/conv1/W' in arrays
-    arrays['updater/model:base/conv1/W'] = np.array([_Payload(str(marker))], dtype=object)
+    arrays['updater/model:base/conv1/W'] = np.array([Payload(str(marker))], dtype=object)
     evil = tmp_path / 'evil.npz'
     np.savez(evil, **arrays)
     proc = run_cli(['train', '--out', tmp_path / 'o', '--iterations', 40, '--resume', evil]

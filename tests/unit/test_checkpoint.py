@@ -8,7 +8,7 @@ import chainer
 
 from distmulti.checkpoint import load_npz, save_npz
 from distmulti.errors import CheckpointError
-from tests.helpers import params, sha256, small_net
+from tests.helpers import Payload, params, sha256, small_net
 
 
 def test_same_parameters_give_the_same_bytes_and_chainer_can_read_them(tmp_path):
@@ -31,20 +31,12 @@ def test_save_leaves_no_temporary_file_and_replaces_atomically(tmp_path):
     assert os.listdir(tmp_path) == ['m.npz']
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, 'w'))
-
-
 def test_a_file_carrying_a_pickle_is_refused_and_its_payload_never_runs(tmp_path):
     marker = str(tmp_path / 'payload-ran')
     path = str(tmp_path / 'evil.npz')
     net = small_net(1)
     arrays = {k.lstrip('/'): v for k, v in params(net).items()}
-    arrays['base/conv1/W'] = np.array([_Payload(marker)], dtype=object)
+    arrays['base/conv1/W'] = np.array([Payload(marker)], dtype=object)
     np.savez(path, **arrays)
     with pytest.raises(CheckpointError, match='contains pickled Python objects'):
         load_npz(path, small_net(1))
@@ -59,7 +51,7 @@ def test_a_pickle_in_a_member_the_loader_would_not_read_is_refused_too(tmp_path)
     marker = str(tmp_path / 'payload-ran')
     path = str(tmp_path / 'extra.npz')
     arrays = {k.lstrip('/'): v for k, v in params(small_net(1)).items()}
-    arrays['unused/extra'] = np.array([_Payload(marker)], dtype=object)
+    arrays['unused/extra'] = np.array([Payload(marker)], dtype=object)
     np.savez(path, **arrays)
     with pytest.raises(CheckpointError, match="pickled Python objects \\(in 'unused/extra.npy'\\)"):
         load_npz(path, small_net(1))

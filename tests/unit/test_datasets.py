@@ -8,6 +8,7 @@ from PIL import Image
 
 from distmulti.datasets import labels_array, load_dataset, split_dataset
 from distmulti.errors import ConfigError, DataError
+from tests.helpers import Payload
 
 
 def npz_file(tmp_path, name='data.npz', **arrays):
@@ -172,16 +173,6 @@ def test_non_finite_pixels_are_reported_with_the_first_sample(tmp_path, bad):
     message = data_error(f'npz:{npz_file(tmp_path, **arrays)}')
     assert 'data.npz: x[4] (sample 4, counting from 0) holds NaN or infinite values ' \
            '(2 samples in all)' in message
-
-
-class Payload:
-    """Unpickling this creates (opens for writing) the file ``marker``."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (self.marker, 'w')
 
 
 @pytest.mark.parametrize('name', ['x', 'y'])
