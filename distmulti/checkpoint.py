@@ -22,6 +22,7 @@ import chainer
 from chainer.serializers import DictionarySerializer, NpzDeserializer
 
 from distmulti.errors import CheckpointError
+from distmulti.runfiles import CHECKPOINT_PREFIX, TMP_PREFIX
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -53,7 +54,7 @@ def atomic_file(path: str, mode: str = 'w'):
     """A file object whose content appears at ``path`` only once complete: it is written to a
     temporary file in the same folder, flushed to disk, then renamed over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-' + os.path.basename(path), dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path), dir=directory)
     try:
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
             yield f
@@ -108,12 +109,7 @@ def _refuse_object_arrays(path: str, npz) -> None:
 
 # -- training checkpoints: file + manifest, rotation, integrity -------------------------------
 
-CHECKPOINT_PREFIX = 'checkpoint_iter_'
 MANIFEST_VERSION = 1
-# Options that may change between a run and its resumption without changing what is trained.
-RESUME_FREE_KEYS = frozenset({'out', 'resume', 'epoch', 'iterations', 'progress', 'plot',
-                              'checkpoint_interval', 'keep_checkpoints', 'eval_interval',
-                              'hang_timeout'})
 
 
 def checkpoint_paths(out: str, iteration: int):
@@ -132,7 +128,9 @@ def file_sha256(path: str) -> str:
 
 def config_hash(config_dict: dict) -> str:
     """Hash of the options that define what is trained (not where or for how long)."""
-    relevant = {k: v for k, v in config_dict.items() if k not in RESUME_FREE_KEYS}
+    from distmulti.config import TrainConfig
+    free = TrainConfig.resume_free_keys()
+    relevant = {k: v for k, v in config_dict.items() if k not in free}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 

@@ -3,31 +3,61 @@
 Each step is a plain function, so tests call ``main([...])`` in-process.
 """
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
 import traceback
+import typing
 from typing import List, Optional
 
 import numpy as np
 
 from distmulti._version import __version__
-from distmulti.config import BACKWARD_MODES, COMMUNICATORS, GRAD_SYNC_MODES, TrainConfig
+from distmulti.config import TrainConfig
 from distmulti.errors import ConfigError, DistmultiError, NonFiniteLossError
+from distmulti.runfiles import EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, MODEL_FILE
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        return [int(v) for v in text.split(',') if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}')
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, built from the field's definition (help, default,
+    type, choices, mutual exclusion). Every flag defaults to None, so that only the flags
+    given on the command line override the --config file."""
+    groups = {}
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        meta = field.metadata
+        if not meta.get('flag', False):
+            continue
+        names = [f'--{field.name.replace("_", "-")}'] + ([meta['short']] if meta['short'] else [])
+        default = getattr(defaults, field.name)
+        help_text = meta['help']
+        if meta['show_default']:
+            help_text += f' (default: {default})'
+        kwargs = {'dest': field.name, 'default': None, 'help': help_text}
+        if _value_type(field) is bool:
+            kwargs['action'] = argparse.BooleanOptionalAction
+        else:
+            kwargs['type'] = meta['parse'] or _value_type(field)
+            if meta['metavar']:
+                kwargs['metavar'] = meta['metavar']
+            if meta['choices']:
+                kwargs['choices'] = meta['choices']
+        target = parser
+        if meta['group']:
+            if meta['group'] not in groups:
+                groups[meta['group']] = parser.add_mutually_exclusive_group()
+            target = groups[meta['group']]
+        target.add_argument(*names, **kwargs)
 
 
-def _float_list(text: str) -> List[float]:
-    try:
-        return [float(v) for v in text.split(',') if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected comma-separated numbers, got {text!r}')
+def _value_type(field: dataclasses.Field):
+    """int, float, str or bool from a field's annotation (Optional[...] unwrapped)."""
+    kind = field.type
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is typing.Union and len(args) == 1:
+        kind = args[0]
+    return kind if kind in (int, float, str, bool) else str
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,57 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description='Train a multi-head network (default: the embedded '
                                    'multi-digit strips). Flags override --config.')
     t.add_argument('--config', '-c', metavar='FILE', help='YAML file of config keys')
-    t.add_argument('--device', '-d', help='-1 or @numpy (CPU, default), N or @cupy:N (GPU N)')
-    t.add_argument('--batchsize', '-b', type=int, help='minibatch size (default 64)')
-    length = t.add_mutually_exclusive_group()
-    length.add_argument('--epoch', '-e', type=int, help='epochs to train (default 8)')
-    length.add_argument('--iterations', '-i', type=int, help='iterations to train')
-    t.add_argument('--heads', type=int, help='number of classifier heads (default 3)')
-    t.add_argument('--lr', type=float, help='learning rate of every optimizer (default 1e-3)')
-    t.add_argument('--optimizer', help='optimizer type of every part (default adam); per-part '
-                                       'types and rates go under `optimizers:` in --config')
-    t.add_argument('--loss-weights', type=_float_list, metavar='W0,W1,..',
-                   help='weight of each head in the summed loss (default all 1)')
-    t.add_argument('--freeze', type=_int_list, metavar='I,J,..',
-                   help='heads whose parameters stay fixed')
-    t.add_argument('--backward', choices=BACKWARD_MODES,
-                   help='fused: one backward of the weighted sum (default); per_loss: one '
-                        'backward per head, as hand-written updaters do (same gradients)')
-    t.add_argument('--grad-sync', choices=GRAD_SYNC_MODES,
-                   help='with several ranks: optimizers = a ChainerMN multi-node optimizer per '
-                        'part (default); net = one packed all-reduce of all gradients')
-    t.add_argument('--communicator', choices=COMMUNICATORS,
-                   help='ChainerMN communicator (default auto: pure_nccl on GPUs, naive on CPU)')
-    t.add_argument('--seed', type=int, help='random seed of data, init and shuffling (default 0)')
-    t.add_argument('--out', '-o', help='output directory (default result)')
-    t.add_argument('--resume', '-r', metavar='CHECKPOINT',
-                   help='checkpoint file to resume from, or auto: the newest valid one in --out '
-                        '(none: start fresh)')
-    t.add_argument('--checkpoint-interval', type=int, metavar='N',
-                   help='write a checkpoint every N iterations and at the end (default 200)')
-    t.add_argument('--keep-checkpoints', type=int, metavar='K',
-                   help='checkpoints kept (default 3)')
-    t.add_argument('--hang-timeout', type=float, metavar='SECONDS',
-                   help='abort the job when no iteration completes on a rank for this long '
-                        '(default: no watchdog)')
-    t.add_argument('--eval-interval', type=int, metavar='N',
-                   help='evaluate and log every N iterations (default: every epoch)')
-    t.add_argument('--train-size', type=int, help='embedded training strips (default 6000)')
-    t.add_argument('--test-size', type=int, help='embedded test strips (default 1000)')
-    t.add_argument('--no-progress', dest='progress', action='store_false', default=None,
-                   help='no progress bar')
-    t.add_argument('--no-plot', dest='plot', action='store_false', default=None,
-                   help='no PNG plots')
+    add_config_flags(t)
     t.set_defaults(func=run_train)
-
-    t.add_argument('--model', metavar='PACKAGE.MODULE:FACTORY',
-                   help='your network: a factory returning (base, heads) or a MultiHeadNet')
-    t.add_argument('--dataset', metavar='npz:PATH|csv:PATH',
-                   help='your data (default: the embedded digit strips); see README')
-    t.add_argument('--test-dataset', metavar='npz:PATH|csv:PATH',
-                   help='test data (default: a seeded --test-fraction of --dataset)')
-    t.add_argument('--test-fraction', type=float,
-                   help='share of --dataset held out for testing (default 0.2)')
 
     ev = sub.add_parser('evaluate', help='per-head accuracy and confusion matrices of a run',
                         description='Evaluates RUN/model.npz on the run\'s test data (or '
@@ -117,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     la = sub.add_parser('launch', help='run `distmulti train` on N ranks through mpiexec',
                         description='Builds and runs the mpiexec command for N ranks. '
-                                    'Arguments after -- go to `distmulti train`.')
+                                    'Arguments after -- go to `distmulti train` (the word '
+                                    'train itself may come first or be left out).')
     la.add_argument('-n', '--nprocs', type=int, required=True, help='number of ranks')
     la.add_argument('--hostfile', help='MPI hostfile (Open MPI or MPICH format)')
     la.add_argument('--mpiexec', help='mpiexec to use (default: beside this Python, else PATH)')
@@ -166,7 +148,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         data = load_dataset(args.dataset)
     else:
         data = inference.run_data(config)[1]
-    inference.load_parameters(net, args.model_file or os.path.join(args.run, 'model.npz'),
+    inference.load_parameters(net, args.model_file or os.path.join(args.run, MODEL_FILE),
                               data[0][0])
     net.to_device(device)
     report = inference.evaluate_model(net, data, device=device)
@@ -201,7 +183,7 @@ def run_predict(args: argparse.Namespace) -> int:
     device = resolve_device(normalize_device(args.device))
     config, net = inference.load_run(args.run)
     sample = inference.run_data(config)[1][0][0]
-    inference.load_parameters(net, args.model_file or os.path.join(args.run, 'model.npz'),
+    inference.load_parameters(net, args.model_file or os.path.join(args.run, MODEL_FILE),
                               sample)
     net.to_device(device)
     x, names = inference.read_inputs(args.inputs, like=np.asarray(sample))
@@ -223,6 +205,8 @@ def run_launch(args: argparse.Namespace) -> int:
     from distmulti import launcher
     train_args = list(args.train_args)
     if train_args[:1] == ['--']:
+        train_args = train_args[1:]
+    if train_args[:1] == ['train']:  # `launch -n 2 -- train --epoch 3`: the word is optional
         train_args = train_args[1:]
     if args.nprocs < 1:
         raise ConfigError(f'-n must be at least 1, got {args.nprocs}')
@@ -284,9 +268,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except DistmultiError as e:
-        return _fail(str(e), 1 if isinstance(e, NonFiniteLossError) else 2, e.collective)
+        return _fail(str(e), EXIT_FAILED if isinstance(e, NonFiniteLossError) else EXIT_USAGE,
+                     e.collective)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_SIGINT
     except Exception:
         from distmulti.comm import current_world
         world = current_world()

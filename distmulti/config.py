@@ -3,10 +3,11 @@
 A config comes from defaults, then a YAML file, then command-line flags (later wins).
 YAML keys are the long flag names with ``_`` or ``-`` (``batchsize``, ``checkpoint_interval``).
 """
+import argparse
 import dataclasses
 import difflib
 import re
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from distmulti.errors import ConfigError
 
@@ -20,38 +21,116 @@ _MODEL_RE = re.compile(r'^[A-Za-z_][\w.]*:[A-Za-z_]\w*$')
 DATASET_KINDS = ('npz', 'csv')
 
 
+def option(default: Any = None, help: str = '', *, factory: Optional[Callable[[], Any]] = None,
+           flag: bool = True, short: Optional[str] = None, metavar: Optional[str] = None,
+           choices: Optional[Sequence[str]] = None, parse: Optional[Callable[[str], Any]] = None,
+           group: Optional[str] = None, resume_free: bool = False,
+           show_default: bool = True) -> Any:
+    """A TrainConfig field with everything the command line and resume need to know about it.
+
+    Args:
+        default, factory: the default value (or a factory for mutable ones).
+        help: one line for ``--help``; ``(default: X)`` is appended unless ``show_default``
+            is False (then the help says what the default is).
+        flag: False for keys that exist only in the config file (``optimizers``).
+        short, metavar, choices, parse: as for ``argparse.add_argument`` (``parse`` is its
+            ``type``; by default the field's own type).
+        group: flags of the same group are mutually exclusive (``epoch``/``iterations``).
+        resume_free: the key may change between a run and its resumption without changing
+            what is trained (it is left out of the checkpoint's config hash).
+    """
+    metadata = {'help': help, 'flag': flag, 'short': short, 'metavar': metavar,
+                'choices': tuple(choices) if choices is not None else None, 'parse': parse,
+                'group': group, 'resume_free': resume_free, 'show_default': show_default}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}')
+
+
+def _float_list(text: str) -> List[float]:
+    try:
+        return [float(v) for v in text.split(',') if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated numbers, got {text!r}')
+
+
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything one training run needs. ``validate()`` checks it all at once."""
+    """Everything one training run needs. ``validate()`` checks it all at once.
 
-    heads: int = 3
-    batchsize: int = 64
-    epoch: Optional[int] = None
-    iterations: Optional[int] = None
-    lr: float = 1e-3
-    optimizer: str = 'adam'
-    optimizers: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
-    loss_weights: Optional[List[float]] = None
-    freeze: List[int] = dataclasses.field(default_factory=list)
-    backward: str = 'fused'
-    grad_sync: str = 'optimizers'
-    communicator: str = 'auto'
-    device: str = '@numpy'
-    seed: int = 0
-    out: str = 'result'
-    resume: Optional[str] = None
-    checkpoint_interval: int = 200
-    keep_checkpoints: int = 3
-    hang_timeout: Optional[float] = None
-    eval_interval: Optional[int] = None
-    model: Optional[str] = None
-    dataset: Optional[str] = None
-    test_dataset: Optional[str] = None
-    test_fraction: float = 0.2
-    train_size: int = 6000
-    test_size: int = 1000
-    progress: bool = True
-    plot: bool = True
+    Each field's definition (``option``) is also its command-line flag (``--name-with-dashes``),
+    its help text and default in ``distmulti train --help``, and whether it may change on
+    resume; ``distmulti.cli`` builds the parser from these definitions alone.
+    """
+
+    heads: int = option(3, 'number of classifier heads of the built-in network')
+    batchsize: int = option(64, 'minibatch size per rank (N ranks train on N x batchsize)',
+                            short='-b')
+    epoch: Optional[int] = option(None, f'epochs to train (default {DEFAULT_EPOCHS} when '
+                                        f'neither this nor --iterations is given)',
+                                  short='-e', group='length', resume_free=True,
+                                  show_default=False)
+    iterations: Optional[int] = option(None, 'iterations to train', short='-i', group='length',
+                                       resume_free=True, show_default=False)
+    lr: float = option(1e-3, 'learning rate of every optimizer (per-part rates go under '
+                             '`optimizers:` in --config)')
+    optimizer: str = option('adam', 'optimizer type of every part: adam, sgd, momentum_sgd, '
+                                    'nesterov, rmsprop, adagrad, adadelta (per-part types go '
+                                    'under `optimizers:` in --config)')
+    optimizers: Dict[str, Dict[str, Any]] = option(
+        help='per part (base, head0, ...): {type, lr}', factory=dict, flag=False)
+    loss_weights: Optional[List[float]] = option(
+        None, 'weight of each head in the summed loss (default: all 1)', metavar='W0,W1,..',
+        parse=_float_list, show_default=False)
+    freeze: List[int] = option(help='heads whose parameters stay fixed (default: none)',
+                               factory=list, metavar='I,J,..', parse=_int_list,
+                               show_default=False)
+    backward: str = option('fused', 'fused: one backward of the weighted sum; per_loss: one '
+                                    'backward per head, as hand-written updaters do (same '
+                                    'gradients)', choices=BACKWARD_MODES)
+    grad_sync: str = option('optimizers', 'with several ranks: optimizers = a ChainerMN '
+                                          'multi-node optimizer per part; net = one packed '
+                                          'all-reduce of all gradients',
+                            choices=GRAD_SYNC_MODES)
+    communicator: str = option('auto', 'ChainerMN communicator (auto: pure_nccl on GPUs, naive '
+                                       'on the CPU)', choices=COMMUNICATORS)
+    device: str = option('@numpy', '-1 or @numpy (CPU), N or @cupy:N (GPU N)', short='-d')
+    seed: int = option(0, 'random seed of data, initialisation and shuffling')
+    out: str = option('result', 'output directory', short='-o', resume_free=True)
+    resume: Optional[str] = option(None, 'checkpoint file to resume from, or auto: the newest '
+                                         'valid one in --out (none: start fresh)',
+                                   short='-r', metavar='CHECKPOINT', resume_free=True,
+                                   show_default=False)
+    checkpoint_interval: int = option(200, 'write a checkpoint every N iterations and at the '
+                                           'end', metavar='N', resume_free=True)
+    keep_checkpoints: int = option(3, 'checkpoints kept', metavar='K', resume_free=True)
+    hang_timeout: Optional[float] = option(None, 'abort the job when a rank makes no progress '
+                                                 'for this long (default: no watchdog)',
+                                           metavar='SECONDS', resume_free=True,
+                                           show_default=False)
+    eval_interval: Optional[int] = option(None, 'evaluate and log every N iterations '
+                                                '(default: every epoch)', metavar='N',
+                                          resume_free=True, show_default=False)
+    model: Optional[str] = option(None, 'your network: a factory returning (base, heads) or a '
+                                        'MultiHeadNet', metavar='PACKAGE.MODULE:FACTORY',
+                                  show_default=False)
+    dataset: Optional[str] = option(None, 'your data (default: the embedded digit strips)',
+                                    metavar='npz:PATH|csv:PATH', show_default=False)
+    test_dataset: Optional[str] = option(None, 'test data (default: a seeded --test-fraction '
+                                               'of --dataset)', metavar='npz:PATH|csv:PATH',
+                                         show_default=False)
+    test_fraction: float = option(0.2, 'share of --dataset held out for testing')
+    train_size: int = option(6000, 'embedded training strips')
+    test_size: int = option(1000, 'embedded test strips')
+    progress: bool = option(True, 'progress bar', resume_free=True)
+    plot: bool = option(True, 'PNG plots of the log', resume_free=True)
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -95,6 +174,11 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def resume_free_keys(cls) -> frozenset:
+        """Keys that may change between a run and its resumption (see ``option``)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata['resume_free'])
 
     # -- derived values -----------------------------------------------------
     @property

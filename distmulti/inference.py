@@ -19,13 +19,14 @@ from distmulti.config import TrainConfig
 from distmulti.errors import ConfigError, DataError
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import IGNORE_LABEL, MultiHeadNet, default_net
+from distmulti.runfiles import RESULT_FILE
 
 BATCHSIZE = 500
 
 
 def load_run(run_dir: str) -> Tuple[TrainConfig, MultiHeadNet]:
     """The config of a finished run and its (untrained) network; see ``load_parameters``."""
-    result_path = os.path.join(run_dir, 'result.json')
+    result_path = os.path.join(run_dir, RESULT_FILE)
     try:
         with open(result_path, encoding='utf-8') as f:
             result = json.load(f)

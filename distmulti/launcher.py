@@ -16,6 +16,7 @@ import uuid
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from distmulti.errors import ConfigError
+from distmulti.runfiles import EXIT_FAILED, EXIT_SIGKILL, HEARTBEAT_FILE, RESULT_FILE
 
 FLAVORS = ('openmpi', 'mpich')
 # Forwarded to remote ranks when set here (Open MPI: -x NAME; MPICH: -envlist).
@@ -111,7 +112,7 @@ def completed(out: str, run_id: str) -> bool:
     Never judged by mpiexec's exit status alone: Open MPI can exit 0 after losing a host.
     """
     try:
-        with open(os.path.join(out, 'result.json'), encoding='utf-8') as f:
+        with open(os.path.join(out, RESULT_FILE), encoding='utf-8') as f:
             return json.load(f).get('run_id') == run_id
     except (OSError, ValueError):
         return False
@@ -133,7 +134,6 @@ def restart_args(train_args: Sequence[str]) -> List[str]:
     return out + ['--resume', 'auto']
 
 
-HEARTBEAT_FILE = '.distmulti-heartbeat'
 KILL_GRACE_S = 15.0
 
 
@@ -159,7 +159,7 @@ def run_watched(argv: List[str], env: Mapping[str, str], heartbeat: Optional[str
                     log(f'no heartbeat from rank 0 for {age:.0f} s and mpiexec is still '
                         f'running: killing the job')
                     _kill_group(proc)
-                    return 137
+                    return EXIT_SIGKILL
     except KeyboardInterrupt:
         _kill_group(proc, signal.SIGTERM)
         raise
@@ -202,9 +202,9 @@ def supervise(command: Callable[[List[str]], List[str]], train_args: Sequence[st
         if completed(out, run_id):
             if code != 0:
                 log(f'mpiexec exited with status {code} after the run completed '
-                    f'({os.path.join(out, "result.json")} is there)')
+                    f'({os.path.join(out, RESULT_FILE)} is there)')
             return 0
-        status = code if code != 0 else 1
+        status = code if code != 0 else EXIT_FAILED
         reason = (f'mpiexec exited with status {code}' if code != 0 else
                   'mpiexec exited with status 0 but the run wrote no result.json (a rank or '
                   'host was lost)')
@@ -217,4 +217,4 @@ def supervise(command: Callable[[List[str]], List[str]], train_args: Sequence[st
             f'checkpoint in {out} in {restart_delay:g} s')
         time.sleep(restart_delay)
         args = restart_args(train_args)
-    return 1  # not reached
+    return EXIT_FAILED  # not reached

@@ -20,9 +20,9 @@ from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
 from distmulti import checkpoint, errors
+from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
-from distmulti.launcher import HEARTBEAT_FILE
 from distmulti.watchdog import Watchdog
 from distmulti.config import TrainConfig
 from distmulti.data import ShuffledIterator, check_label_shape, check_labels, digit_strips
@@ -33,8 +33,6 @@ from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
 from distmulti.updater import MultiHeadUpdater
 
-RESULT_FILE = 'result.json'
-MODEL_FILE = 'model.npz'
 EVAL_BATCHSIZE = 500
 # Iterator positions are recomputed from the iteration count on resume (see ShuffledIterator).
 _ITERATOR_KEYS = 'updater/iterator:'
@@ -296,7 +294,7 @@ def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> No
         path, manifest = found
         if manifest.get('config_hash') != checkpoint.config_hash(config.to_dict()):
             changed = sorted(k for k, v in manifest.get('config', {}).items()
-                             if k not in checkpoint.RESUME_FREE_KEYS
+                             if k not in TrainConfig.resume_free_keys()
                              and config.to_dict().get(k) != v)
             log(f'note: {path} was written with different settings for: '
                 f'{", ".join(changed) or "(unknown)"}')

@@ -17,7 +17,8 @@ import threading
 import time
 from typing import Callable, Optional
 
-EXIT_HANG = 3
+from distmulti.runfiles import EXIT_HANG
+
 
 
 class Watchdog:

@@ -1,7 +1,9 @@
 """TrainConfig: defaults, YAML, precedence of flags, and one clear error per bad value."""
+import dataclasses
+
 import pytest
 
-from distmulti.cli import config_from_args, parse_args
+from distmulti.cli import build_parser, config_from_args, parse_args
 from distmulti.config import TrainConfig, normalize_device
 from distmulti.errors import ConfigError
 
@@ -70,3 +72,40 @@ def test_yaml_errors_name_the_file(tmp_path):
     listing.write_text('- 1\n- 2\n')
     with pytest.raises(ConfigError, match='must be a mapping of option names'):
         TrainConfig.from_yaml(str(listing))
+
+
+def _train_parser():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == 'command')
+    return sub.choices['train']
+
+
+def test_every_config_field_with_a_flag_is_a_train_flag_with_its_default_in_the_help():
+    actions = {a.dest: a for a in _train_parser()._actions}
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        if not field.metadata['flag']:
+            assert field.name not in actions
+            continue
+        action = actions[field.name]
+        assert f'--{field.name.replace("_", "-")}' in action.option_strings
+        assert action.default is None  # only flags given override the config file
+        if field.metadata['show_default']:
+            assert f'(default: {getattr(defaults, field.name)})' in action.help, field.name
+
+
+def test_flags_parse_to_the_field_types_and_booleans_go_both_ways():
+    config = config_from_args(parse_args(['train', '--lr', '0.5', '--seed', '3', '--no-plot',
+                                          '--loss-weights', '1,0.5,2', '--freeze', '0,2']))
+    assert (config.lr, config.seed, config.plot) == (0.5, 3, False)
+    assert config.loss_weights == [1.0, 0.5, 2.0] and config.freeze == [0, 2]
+    assert config_from_args(parse_args(['train', '--plot'])).plot is True
+    with pytest.raises(SystemExit):  # epoch and iterations exclude each other
+        parse_args(['train', '--epoch', '1', '--iterations', '5'])
+
+
+def test_resume_free_keys_come_from_the_field_definitions():
+    free = TrainConfig.resume_free_keys()
+    assert {'out', 'resume', 'epoch', 'iterations', 'checkpoint_interval',
+            'keep_checkpoints', 'hang_timeout', 'progress', 'plot'} <= free
+    assert not {'lr', 'seed', 'heads', 'batchsize', 'optimizer', 'dataset'} & free

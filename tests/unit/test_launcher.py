@@ -69,6 +69,16 @@ def test_dry_run_prints_the_command_for_this_machine(capsys):
     assert line.endswith(f'{sys.executable} -m mpi4py -m distmulti train --epoch 1')
 
 
+@pytest.mark.parametrize('word', [[], ['train']])
+def test_the_train_word_after_the_separator_is_optional(word, capsys):
+    mpiexec = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
+    if not os.access(mpiexec, os.X_OK):
+        pytest.skip('no mpiexec beside this Python')
+    assert main(['launch', '-n', '2', '--dry-run', '--', *word, '--epoch', '3']) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.endswith(' -m mpi4py -m distmulti train --epoch 3'), line
+
+
 @pytest.mark.parametrize('args,message', [
     (['-n', '0', '--'], '-n must be at least 1, got 0'),
     (['-n', '2', '--hostfile', 'nope.txt', '--'], "hostfile 'nope.txt' does not exist"),
