@@ -6,12 +6,17 @@ reads with ``allow_pickle=False``: a file that carries pickled objects is refuse
 executed (Chainer's own ``load_npz`` allows pickles).
 
 Training checkpoints are ``checkpoint_iter_N.npz`` plus a manifest ``checkpoint_iter_N.json``
-(checksum, size, config hash, world size), written in that order; the newest K are kept.
+(checksum, size, config hash, world size, lineage), written in that order; the newest K of
+the run's own lineage are kept. Every file is created readable as the umask allows (a project
+group sharing the folder can read it), and a full disk is one clear error that names the file
+and the space, leaving the previous file of that name as it was.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 import zipfile
@@ -21,7 +26,8 @@ import numpy as np
 import chainer
 from chainer.serializers import DictionarySerializer, NpzDeserializer
 
-from distmulti.errors import CheckpointError
+from distmulti import errors, watchdog
+from distmulti.errors import CheckpointError, DistmultiError, OutputError
 from distmulti.runfiles import CHECKPOINT_PREFIX, TMP_PREFIX
 
 _EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -40,31 +46,76 @@ def save_npz(path: str, obj) -> None:
         serializer = DictionarySerializer()
         serializer.save(obj)
         target = serializer.target
-    with atomic_file(path, 'wb') as f:
+    arrays = {key: np.asarray(chainer.backend.CpuDevice().send(value))
+              for key, value in target.items()}
+    size = sum(a.nbytes for a in arrays.values())
+    with watchdog.busy(f'writing {path}'), atomic_file(path, 'wb', expected_bytes=size) as f:
         with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as zf:
-            for key in sorted(target):
-                value = np.asarray(chainer.backend.CpuDevice().send(target[key]))
+            for key in sorted(arrays):
                 info = zipfile.ZipInfo(key + '.npy', date_time=_EPOCH)
                 with zf.open(info, 'w', force_zip64=True) as member:
-                    np.lib.format.write_array(member, value, allow_pickle=False)
+                    np.lib.format.write_array(member, arrays[key], allow_pickle=False)
+
+
+def file_mode() -> int:
+    """The mode ``open()`` would give a new file here: 0o666 less the process umask."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # no /proc: read the umask by setting it (and put it back)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
-def atomic_file(path: str, mode: str = 'w'):
+def atomic_file(path: str, mode: str = 'w', expected_bytes: int = 0):
     """A file object whose content appears at ``path`` only once complete: it is written to a
-    temporary file in the same folder, flushed to disk, then renamed over ``path``."""
+    temporary file in the same folder, flushed to disk, then renamed over ``path``.
+
+    The file gets the mode a plain ``open()`` would give it (group-readable under the usual
+    umasks). When the filesystem is full (or the folder cannot be written), the temporary
+    file is removed, ``path`` keeps its previous content, and OutputError says which file and
+    how much space there is; ``expected_bytes`` (about the file's size) goes in that message.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path), dir=directory)
     try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path), dir=directory)
+    except OSError as e:
+        raise _output_error(path, e, expected_bytes) from None
+    try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _output_error(path, e, expected_bytes) from None
         raise
+
+
+def _output_error(path: str, error: OSError, expected_bytes: int) -> OutputError:
+    """One sentence for a failed write: which file, why, and for a full disk the space."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            free = f'{shutil.disk_usage(directory).free / 1e6:.1f} MB'
+        except OSError:
+            free = 'an unknown amount'
+        need = f'about {expected_bytes / 1e6:.1f} MB' if expected_bytes else 'more room'
+        return OutputError(f'no space left to write {path}: it needs {need} and {free} are '
+                           f'free on that filesystem; the file written before it is kept as '
+                           f'it was; free some space or choose another --out')
+    return OutputError(f'cannot write {path}: {error.strerror or error}; the file written '
+                       f'before it is kept as it was; check that the folder exists and is '
+                       f'writable, or choose another --out')
 
 
 def load_npz(path: str, obj, strict: bool = True, ignore_names=None) -> None:
@@ -135,23 +186,50 @@ def config_hash(config_dict: dict) -> str:
 
 
 def write_checkpoint(out: str, iteration: int, target, manifest: dict, keep: int) -> str:
-    """Writes checkpoint file then manifest (each atomically) and keeps the newest ``keep``.
+    """Writes checkpoint file then manifest (each atomically) and keeps the newest ``keep``
+    checkpoints of the same lineage (``manifest['lineage']``): checkpoints of other runs are
+    never deleted here.
 
     A checkpoint counts only once its manifest exists, so a crash between the two leaves the
     previous checkpoint as the newest valid one.
     """
     path, manifest_path = checkpoint_paths(out, iteration)
     save_npz(path, target)
+    with watchdog.busy(f'checksumming {path}'):
+        digest = file_sha256(path)
     record = dict(manifest, version=MANIFEST_VERSION, iteration=iteration,
-                  file=os.path.basename(path), sha256=file_sha256(path),
+                  file=os.path.basename(path), sha256=digest,
                   bytes=os.path.getsize(path), written_at=time.time())
     with atomic_file(manifest_path) as f:
         f.write(json.dumps(record, indent=2, sort_keys=True))
-    for old in list_checkpoints(out)[keep:]:
+    for old in rotation(out, manifest.get('lineage'), keep):
         for stale in checkpoint_paths(out, old):
-            if os.path.exists(stale):
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(stale)
     return path
+
+
+def read_manifest(out: str, iteration: int):
+    """The manifest of the checkpoint at ``iteration``, or None when missing or unreadable."""
+    try:
+        with open(checkpoint_paths(out, iteration)[1], encoding='utf-8') as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def rotation(out: str, lineage, keep: int):
+    """Iterations of the checkpoints to delete so that ``lineage`` keeps its newest ``keep``.
+
+    Only checkpoints whose manifest names ``lineage`` are considered, so a run never deletes
+    another run's checkpoints (those of an abandoned branch are set aside at start instead).
+    """
+    if lineage is None:
+        return []
+    own = [it for it in list_checkpoints(out)
+           if (read_manifest(out, it) or {}).get('lineage') == lineage]
+    return own[keep:]
 
 
 def list_checkpoints(out: str):
@@ -204,43 +282,55 @@ def newest_valid_checkpoint(out: str, log):
 
 
 class Checkpointer(chainer.training.Extension):
-    """Trainer extension: a checkpoint every ``interval`` iterations and at the last one.
+    """Trainer extension: a checkpoint every ``interval`` iterations, at the last one, and at
+    the iteration where the ranks agreed to stop (``updater.stop_agreed``).
 
     Collective: every rank's numpy random state is gathered, then rank 0 writes the whole
     trainer (parameters, every optimizer's state, iteration and epoch, stop trigger, the
-    extensions' state, the random states) with a manifest. On resume each rank gets its own
-    random state back when the world size is unchanged.
+    extensions' state, the random states) with a manifest, then every rank learns whether
+    the write succeeded (so a full disk is the same error on every rank, and no rank leaves
+    before the checkpoint is complete). On resume each rank gets its own random state back
+    when the world size is unchanged. It runs after every other extension of its iteration,
+    so the checkpoint holds that iteration's log entry too.
     """
 
     name = 'Checkpointer'
     trigger = (1, 'iteration')
-    priority = chainer.training.PRIORITY_READER
+    priority = chainer.training.PRIORITY_READER - 1
 
-    def __init__(self, world, out: str, interval: int, keep: int, is_last, manifest: dict,
-                 pause=None):
+    def __init__(self, world, out: str, interval: int, keep: int, is_last, manifest: dict):
         self.world, self.out, self.interval, self.keep = world, out, interval, keep
         self.is_last = is_last
         self.manifest = manifest
-        self.pause = pause or contextlib.nullcontext
         self._rng_states = None
+        self.last_written = None  # (iteration, path) of the newest checkpoint this run wrote
 
     def __call__(self, trainer):
         updater = trainer.updater
-        if updater.iteration % self.interval == 0 or self.is_last(updater):
+        if (updater.iteration % self.interval == 0 or self.is_last(updater)
+                or getattr(updater, 'stop_agreed', False)):
             self.write(trainer)
 
     def write(self, trainer) -> None:
         states = self.world.allgather_obj(np.random.get_state())
-        if not self.world.is_root:
-            return
-        self._rng_states = states
-        try:
-            with self.pause():
-                write_checkpoint(self.out, trainer.updater.iteration, trainer,
-                                 dict(self.manifest, world_size=self.world.size,
-                                      epoch_detail=trainer.updater.epoch_detail), self.keep)
-        finally:
-            self._rng_states = None
+        error, path = None, None
+        if self.world.is_root:
+            self._rng_states = states
+            try:
+                path = write_checkpoint(self.out, trainer.updater.iteration, trainer,
+                                        dict(self.manifest, world_size=self.world.size,
+                                             epoch_detail=trainer.updater.epoch_detail),
+                                        self.keep)
+            except DistmultiError as e:
+                error = (type(e).__name__, str(e))
+            finally:
+                self._rng_states = None
+        # Every rank waits for the write and learns its outcome: one collective.
+        error = self.world.allgather_obj(error)[0]
+        if error is not None:
+            raise getattr(errors, error[0])(error[1], collective=True)
+        self.last_written = (trainer.updater.iteration,
+                             checkpoint_paths(self.out, trainer.updater.iteration)[0])
 
     def serialize(self, serializer):
         if isinstance(serializer, chainer.serializer.Serializer):

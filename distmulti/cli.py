@@ -15,8 +15,9 @@ import numpy as np
 
 from distmulti._version import __version__
 from distmulti.config import TrainConfig
-from distmulti.errors import ConfigError, DistmultiError, NonFiniteLossError
-from distmulti.runfiles import EXIT_FAILED, EXIT_SIGINT, EXIT_USAGE, MODEL_FILE
+from distmulti.errors import (ConfigError, DistmultiError, NonFiniteLossError, OutputError,
+                              TrainingStopped)
+from distmulti.runfiles import EXIT_FAILED, EXIT_SIGINT, EXIT_STOPPED, EXIT_USAGE, MODEL_FILE
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -233,31 +234,51 @@ def run_launch(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(shlex.join(command(train_args)))
         return 0
+    from distmulti import outdir
+    busy = outdir.in_use_by_other(config.out, env.get('DISTMULTI_JOB_ID'))
+    if busy:  # before anything is started or touched in --out
+        raise OutputError(busy)
     return launcher.supervise(command, train_args, env, config.out, args.nprocs,
                               args.max_restarts, log=_stderr_log,
                               hang_timeout=config.hang_timeout,
-                              restart_delay=args.restart_delay)
+                              restart_delay=args.restart_delay, stop_grace=config.stop_grace)
 
 
 def _stderr_log(message: str) -> None:
     print(f'distmulti: {message}', file=sys.stderr, flush=True)
 
 
-def _fail(message: str, code: int, collective: bool) -> int:
-    """Prints one error line; in a multi-rank run, ends the job consistently.
+def exit_code(error: DistmultiError) -> int:
+    """The exit status for an error (see distmulti.runfiles and the operators' guide)."""
+    if isinstance(error, TrainingStopped):
+        return EXIT_STOPPED
+    if isinstance(error, NonFiniteLossError):
+        return EXIT_FAILED
+    return EXIT_USAGE
 
-    An error that every rank raised at the same point (``collective``) lets all ranks print
-    it, meet at a barrier and exit; an error on some ranks only aborts the MPI job, so that
-    no rank waits forever in a collective.
+
+def _fail(error: DistmultiError) -> int:
+    """Prints one line for the job and ends this rank consistently with the others.
+
+    An error that every rank raised at the same point (``collective``) is printed once, by
+    rank 0; the ranks meet at a barrier, finalize MPI and exit with the same status (no
+    MPI_Abort, so no abort banner). An error on some ranks only is printed with the rank and
+    aborts the MPI job, so that no rank waits forever in a collective.
     """
     from distmulti.comm import current_world
+    code = exit_code(error)
     world = current_world()
     several = world is not None and world.size > 1
-    where = f' (rank {world.rank})' if several else ''
-    print(f'distmulti: error{where}: {message}', file=sys.stderr, flush=True)
+    kind = 'stopped' if isinstance(error, TrainingStopped) else 'error'
+    if not (several and error.collective and world.rank != 0):
+        where = f' (rank {world.rank})' if several and not error.collective else ''
+        message = str(error) if kind == 'stopped' else f'{kind}{where}: {error}'
+        print(f'distmulti: {message}', file=sys.stderr, flush=True)
     if several:
-        if collective:
+        if error.collective:
             world.mpi.Barrier()
+            from mpi4py import MPI
+            MPI.Finalize()  # so that mpi4py does not turn this exit status into MPI_Abort
         else:
             world.abort(code)
     return code
@@ -268,8 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except DistmultiError as e:
-        return _fail(str(e), EXIT_FAILED if isinstance(e, NonFiniteLossError) else EXIT_USAGE,
-                     e.collective)
+        return _fail(e)
     except KeyboardInterrupt:
         return EXIT_SIGINT
     except Exception:

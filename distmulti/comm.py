@@ -14,6 +14,7 @@ import numpy as np
 
 import chainer
 
+from distmulti import watchdog
 from distmulti.config import COMMUNICATORS
 from distmulti.errors import ConfigError, DeviceError
 
@@ -105,6 +106,14 @@ class MPIComm(LocalComm):
         self.mpi.Abort(code)
 
 
+def _rank_from_env(environ: Mapping[str, str]) -> str:
+    """This process's rank as the process manager announced it (before MPI is up)."""
+    for key in ('OMPI_COMM_WORLD_RANK', 'PMIX_RANK', 'PMI_RANK', 'SLURM_PROCID'):
+        if environ.get(key, '').isdigit():
+            return environ[key]
+    return '?'
+
+
 def launched_by_mpi(environ: Mapping[str, str]) -> bool:
     """True when a process manager (mpiexec, srun) started this process as an MPI rank."""
     return any(key in environ for key in MPI_ENV_VARS)
@@ -140,7 +149,10 @@ def create_world(communicator: str = 'auto', on_gpu: bool = False,
         _world = LocalComm()
         return _world
     try:
-        from mpi4py import MPI
+        # MPI's start-up waits for every rank while holding the GIL: only a process outside
+        # can watch it (see distmulti.watchdog.blocking).
+        with watchdog.blocking('MPI start-up', rank=_rank_from_env(environ)):
+            from mpi4py import MPI
         import chainermn
     except Exception as e:  # ImportError, or the MPI shared library failing to load
         log(f'MPI could not be loaded ({type(e).__name__}: {e}); training in a single process')

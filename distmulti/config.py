@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 from distmulti.errors import ConfigError
 
 DEFAULT_EPOCHS = 8
+MAX_SEED = 2 ** 32 - 1
 BACKWARD_MODES = ('fused', 'per_loss')
 GRAD_SYNC_MODES = ('net', 'optimizers')
 COMMUNICATORS = ('auto', 'naive', 'pure_nccl', 'flat', 'non_cuda_aware')
@@ -112,10 +113,14 @@ class TrainConfig:
     checkpoint_interval: int = option(200, 'write a checkpoint every N iterations and at the '
                                            'end', metavar='N', resume_free=True)
     keep_checkpoints: int = option(3, 'checkpoints kept', metavar='K', resume_free=True)
-    hang_timeout: Optional[float] = option(None, 'abort the job when a rank makes no progress '
-                                                 'for this long (default: no watchdog)',
-                                           metavar='SECONDS', resume_free=True,
-                                           show_default=False)
+    hang_timeout: Optional[float] = option(None, 'end the job when a rank stops (or no rank '
+                                                 'makes progress) for this long (default: no '
+                                                 'watchdog)', metavar='SECONDS',
+                                           resume_free=True, show_default=False)
+    stop_grace: Optional[float] = option(60.0, 'after SIGTERM/SIGINT/SIGHUP/SIGUSR1, seconds to '
+                                               'finish the iteration and write the checkpoint '
+                                               'before exiting at once (0: no limit)',
+                                         metavar='SECONDS', resume_free=True)
     eval_interval: Optional[int] = option(None, 'evaluate and log every N iterations '
                                                 '(default: every epoch)', metavar='N',
                                           resume_free=True, show_default=False)
@@ -266,6 +271,9 @@ class TrainConfig:
                               f'got {self.communicator!r}')
         self.device = normalize_device(self.device)
         _check_int('seed', self.seed, minimum=0)
+        if self.seed > MAX_SEED:
+            raise ConfigError(f'seed must be an integer from 0 to {MAX_SEED} (numpy\'s seed '
+                              f'range), got {self.seed}')
         if not isinstance(self.out, str) or not self.out:
             raise ConfigError(f'out must be a directory path, got {self.out!r}')
         if self.resume is not None and not isinstance(self.resume, str):
@@ -274,6 +282,11 @@ class TrainConfig:
         _check_int('keep_checkpoints', self.keep_checkpoints, minimum=1)
         if self.hang_timeout is not None:
             _check_number('hang_timeout', self.hang_timeout, positive=True)
+        if self.stop_grace is not None:
+            _check_number('stop_grace', self.stop_grace, positive=False)
+            if self.stop_grace < 0:
+                raise ConfigError(f'stop_grace must be >= 0 seconds (0: no limit), got '
+                                  f'{self.stop_grace!r}')
         if self.eval_interval is not None:
             _check_int('eval_interval', self.eval_interval, minimum=1)
         if self.model is not None and (not isinstance(self.model, str)

@@ -26,6 +26,16 @@ class CheckpointError(DistmultiError, ValueError):
     """A checkpoint or model file cannot be read safely."""
 
 
+class OutputError(DistmultiError, RuntimeError):
+    """A file cannot be written: the output folder is missing, read-only, in use by another
+    run, or its filesystem is full. What was written before stays valid."""
+
+
+class TrainingStopped(DistmultiError):
+    """The training stopped on request (a signal) after writing a checkpoint; it can be
+    continued with ``--resume auto``. Not an error: the CLI exits with ``EXIT_STOPPED``."""
+
+
 class DeviceError(DistmultiError, RuntimeError):
     """The requested device does not exist or cannot be used here."""
 

@@ -1,11 +1,12 @@
 """``distmulti launch``: the mpiexec command line (pure functions, argv lists) and the
-supervisor that runs it, judges success by the completion marker and restarts failed jobs.
+supervisor that runs it, forwards stop signals to it, judges success by the completion marker
+and restarts failed jobs.
 
 The command starts every rank as ``python -m mpi4py -m distmulti train ...``: mpi4py's runner
 turns an uncaught exception on any rank into MPI_Abort, so one failing rank ends the job
 instead of leaving the others waiting in a collective.
 """
-import json
+import contextlib
 import os
 import shutil
 import signal
@@ -13,10 +14,11 @@ import subprocess
 import sys
 import time
 import uuid
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 from distmulti.errors import ConfigError
-from distmulti.runfiles import EXIT_FAILED, EXIT_SIGKILL, HEARTBEAT_FILE, RESULT_FILE
+from distmulti.runfiles import (EXIT_FAILED, EXIT_OK, EXIT_SIGKILL, EXIT_STOPPED, EXIT_USAGE,
+                                HEARTBEAT_FILE, RESULT_FILE)
 
 FLAVORS = ('openmpi', 'mpich')
 # Forwarded to remote ranks when set here (Open MPI: -x NAME; MPICH: -envlist).
@@ -106,18 +108,6 @@ def launch_env(environ: Mapping[str, str], nprocs: int, hostfile: Optional[str],
     return env
 
 
-def completed(out: str, run_id: str) -> bool:
-    """True when ``out/result.json`` exists and was written by the run ``run_id``.
-
-    Never judged by mpiexec's exit status alone: Open MPI can exit 0 after losing a host.
-    """
-    try:
-        with open(os.path.join(out, RESULT_FILE), encoding='utf-8') as f:
-            return json.load(f).get('run_id') == run_id
-    except (OSError, ValueError):
-        return False
-
-
 def restart_args(train_args: Sequence[str]) -> List[str]:
     """``train_args`` with any --resume replaced by ``--resume auto``."""
     out, skip = [], False
@@ -135,86 +125,244 @@ def restart_args(train_args: Sequence[str]) -> List[str]:
 
 
 KILL_GRACE_S = 15.0
+# What the supervisor does on these signals: ask the job to stop at a checkpoint. mpiexec
+# (Open MPI, MPICH) forwards SIGUSR1 to every rank on every host, whereas on SIGTERM, SIGINT
+# or SIGHUP Open MPI kills the ranks within half a second, before they can write anything.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+STOP_SIGNAL = signal.SIGUSR1
+# The same signal twice within this many seconds is one delivery (sent to the process and to
+# its process group, as `timeout` and `kill 0` do), not the "second signal" that kills.
+SAME_DELIVERY_S = 0.5
 
 
-def run_watched(argv: List[str], env: Mapping[str, str], heartbeat: Optional[str],
-                stale_after: Optional[float], log: Callable[[str], None]) -> int:
-    """Runs mpiexec in its own process group and returns its status.
+class Decision(NamedTuple):
+    """What the supervisor does after an attempt: ``done``, ``restart`` or ``give_up``."""
 
-    With ``heartbeat``: once rank 0 has written that file, a file older than ``stale_after``
-    seconds means the job is stuck where even MPI_Abort cannot end it (mpiexec waiting on a
-    daemon behind a cut link): the whole process group is SIGKILLed (SIGTERM does not end a
-    hung mpiexec) and 137 returned.
+    action: str
+    status: int
+    reason: str
+
+
+def decide(code: int, completed: bool, stop_requested: bool, attempt: int,
+           attempts: int) -> Decision:
+    """The supervisor's rule after an attempt ended with mpiexec status ``code``.
+
+    Success is this run's result.json, whatever the status (Open MPI can exit 0 after losing
+    a host, and non-zero after a complete run). No restart after a stop the supervisor was
+    asked for, after a user error (exit 2: the same input fails again), or once the budget
+    of attempts is spent.
     """
-    proc = subprocess.Popen(argv, env=dict(env), start_new_session=True)
-    try:
-        while True:
-            try:
-                return proc.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
-            if heartbeat and stale_after and os.path.exists(heartbeat):
-                age = time.time() - os.path.getmtime(heartbeat)
-                if age > stale_after:
-                    log(f'no heartbeat from rank 0 for {age:.0f} s and mpiexec is still '
-                        f'running: killing the job')
-                    _kill_group(proc)
+    if completed:
+        return Decision('done', EXIT_OK, '' if code == 0 else
+                        f'mpiexec exited with status {code} after the run completed')
+    reason = (f'mpiexec exited with status {code}' if code != 0 else
+              f'mpiexec exited with status 0 but the run wrote no {RESULT_FILE} (a rank or '
+              f'host was lost)')
+    status = code if code != 0 else EXIT_FAILED
+    if stop_requested:
+        what = ('stopped at a checkpoint; continue with --resume auto' if code == EXIT_STOPPED
+                else 'the job did not stop cleanly')
+        return Decision('give_up', status, f'{reason}: {what}')
+    if code == EXIT_USAGE:
+        return Decision('give_up', status, f'{reason}: the input is wrong (see the error '
+                                           f'above); restarting cannot help')
+    if attempt >= attempts:
+        return Decision('give_up', status, reason)
+    return Decision('restart', status, reason)
+
+
+class Supervisor:
+    """Runs mpiexec for one job: forwards stop signals, kills what is stuck, restarts.
+
+    States: ``running`` (an attempt's mpiexec is up), ``stopping`` (a stop signal was
+    forwarded; waiting up to ``grace`` seconds), then ``done``. Nothing it started outlives
+    it: mpiexec gets SIGTERM if the supervisor itself dies (Linux parent-death signal), and
+    after each attempt rank processes of this run still alive on this host are killed.
+    """
+
+    def __init__(self, env: Mapping[str, str], log: Callable[[str], None],
+                 grace: Optional[float], stale_after: Optional[float] = None,
+                 heartbeat: Optional[str] = None, clock: Callable[[], float] = time.monotonic):
+        self.env = dict(env)
+        self.log = log
+        self.grace = grace
+        self.stale_after = stale_after
+        self.heartbeat = heartbeat
+        self.clock = clock
+        self.proc: Optional[subprocess.Popen] = None
+        self.stop_signal: Optional[int] = None
+        self.stop_deadline: Optional[float] = None
+        self._stop_at: Optional[float] = None
+
+    # -- signals -------------------------------------------------------------------------
+    def install(self) -> Dict[int, object]:
+        previous = {}
+        for signum in FORWARDED_SIGNALS:
+            previous[signum] = signal.signal(signum, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        now = self.clock()
+        if self.stop_signal == signum and now - self._stop_at < SAME_DELIVERY_S:
+            return  # the same signal sent to this process and to its group (timeout, kill 0)
+        if self.stop_signal is not None:
+            self.log(f'received {name} again: killing the job now')
+            self._kill()
+            return
+        self.stop_signal, self._stop_at = signum, now
+        if self.proc is None or self.proc.poll() is not None:
+            self.log(f'received {name}: no job is running; not starting another one')
+            return
+        self.stop_deadline = self.clock() + self.grace if self.grace else None
+        limit = f'; it is killed in {self.grace:g} s' if self.grace else ''
+        self.log(f'received {name}: asking every rank to stop at a checkpoint '
+                 f'({STOP_SIGNAL.name} to mpiexec){limit}; a second signal kills it now')
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(STOP_SIGNAL)
+
+    # -- one attempt ---------------------------------------------------------------------
+    def run(self, argv: List[str], run_id: str) -> int:
+        """Runs one attempt to its end; returns mpiexec's status (137 when it was killed)."""
+        self.proc = subprocess.Popen(argv, env=dict(self.env, DISTMULTI_RUN_ID=run_id),
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            while True:
+                try:
+                    code = self.proc.wait(timeout=0.5)
+                    return 128 - code if code < 0 else code  # killed by a signal: 128 + N
+                except subprocess.TimeoutExpired:
+                    pass
+                if self.stop_deadline is not None and self.clock() > self.stop_deadline:
+                    self.log(f'the job did not stop within {self.grace:g} s: killing it')
+                    self._kill()
                     return EXIT_SIGKILL
-    except KeyboardInterrupt:
-        _kill_group(proc, signal.SIGTERM)
-        raise
+                age = self._heartbeat_age()
+                if age is not None and age > self.stale_after:
+                    self.log(f'no heartbeat from rank 0 for {age:.0f} s and mpiexec is still '
+                             f'running: killing the job')
+                    self._kill()
+                    return EXIT_SIGKILL
+        finally:
+            self._kill()  # whatever is left of this attempt's process group
+            killed = kill_leftovers(run_id)
+            if killed:
+                self.log(f'killed {len(killed)} leftover process(es) of this run on this '
+                         f'host: {", ".join(map(str, killed))}')
+
+    def _heartbeat_age(self) -> Optional[float]:
+        if not (self.heartbeat and self.stale_after and os.path.exists(self.heartbeat)):
+            return None
+        try:
+            return time.time() - os.path.getmtime(self.heartbeat)
+        except OSError:
+            return None
+
+    def _kill(self) -> None:
+        """SIGKILLs the attempt's process group (a hung mpiexec ignores SIGTERM)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
 
 
-def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the supervisor dies (Linux; no-op elsewhere)."""
     try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        if sig != signal.SIGKILL:
-            _kill_group(proc)
-    except OSError:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
         pass
+
+
+def kill_leftovers(run_id: str) -> List[int]:
+    """SIGKILLs this host's processes whose environment carries ``DISTMULTI_RUN_ID=run_id``
+    (ranks that outlived their mpiexec); returns their PIDs."""
+    marker = f'DISTMULTI_RUN_ID={run_id}'.encode()
+    killed = []
+    me = os.getpid()
+    for entry in os.listdir('/proc') if os.path.isdir('/proc') else ():
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f'/proc/{entry}/stat', 'rb') as f:
+                if f.read().rsplit(b')', 1)[-1].split()[0] == b'Z':
+                    continue  # already dead, waiting to be reaped
+            with open(f'/proc/{entry}/environ', 'rb') as f:
+                if marker not in f.read().split(b'\0'):
+                    continue
+            os.kill(int(entry), signal.SIGKILL)
+            killed.append(int(entry))
+        except OSError:
+            continue
+    return killed
 
 
 def supervise(command: Callable[[List[str]], List[str]], train_args: Sequence[str],
               env: Mapping[str, str], out: str, nprocs: int, max_restarts: int,
               log: Callable[[str], None], hang_timeout: Optional[float] = None,
-              restart_delay: float = 5.0) -> int:
+              restart_delay: float = 5.0, stop_grace: Optional[float] = None) -> int:
     """Runs the job; while it fails and restarts remain, reruns it from the newest checkpoint.
 
-    Returns 0 once a run's completion marker is there, else the last non-zero status (1 when
-    mpiexec said 0 without a marker). With ``hang_timeout`` (the ranks' watchdog), a job whose
-    rank 0 heartbeat is older than ``hang_timeout + KILL_GRACE_S`` is killed. Each restart waits
-    ``restart_delay`` seconds first (a host or link that just failed often comes back).
+    Returns 0 once a run's completion marker is there, else the last attempt's status (1 when
+    mpiexec said 0 without a marker, ``EXIT_STOPPED`` after a requested stop). With
+    ``hang_timeout`` (the ranks' watchdog), a job whose rank-0 heartbeat is older than
+    ``hang_timeout + KILL_GRACE_S`` is killed. Each restart waits ``restart_delay`` seconds
+    first (a host or link that just failed often comes back). SIGTERM, SIGINT, SIGHUP and
+    SIGUSR1 ask the job to stop at a checkpoint and end the supervision; a second one, or
+    ``stop_grace + KILL_GRACE_S`` seconds, kill it.
     """
+    from distmulti.outdir import status
     attempts = max_restarts + 1
     args = list(train_args)
     heartbeat = os.path.join(out, HEARTBEAT_FILE) if hang_timeout else None
-    for attempt in range(1, attempts + 1):
-        run_id = uuid.uuid4().hex
-        argv = command(args)
-        log(f'launching {nprocs} ranks (attempt {attempt}/{attempts}): '
-            f'{" ".join(argv)}')
-        if heartbeat and os.path.exists(heartbeat):
-            os.unlink(heartbeat)  # the previous attempt's
-        code = run_watched(argv, dict(env, DISTMULTI_RUN_ID=run_id), heartbeat,
-                           hang_timeout + KILL_GRACE_S if hang_timeout else None, log)
-        if completed(out, run_id):
-            if code != 0:
-                log(f'mpiexec exited with status {code} after the run completed '
-                    f'({os.path.join(out, RESULT_FILE)} is there)')
-            return 0
-        status = code if code != 0 else EXIT_FAILED
-        reason = (f'mpiexec exited with status {code}' if code != 0 else
-                  'mpiexec exited with status 0 but the run wrote no result.json (a rank or '
-                  'host was lost)')
-        if attempt == attempts:
-            log(f'job failed: {reason}; giving up after {max_restarts} restart(s)'
-                + ('' if max_restarts else ' (use --max-restarts R to restart from the newest '
-                                           'checkpoint)'))
-            return status
-        log(f'job failed: {reason}; restart {attempt}/{max_restarts} from the newest '
-            f'checkpoint in {out} in {restart_delay:g} s')
-        time.sleep(restart_delay)
-        args = restart_args(train_args)
-    return EXIT_FAILED  # not reached
+    job = dict(env).get('DISTMULTI_JOB_ID') or uuid.uuid4().hex
+    supervisor = Supervisor(dict(env, DISTMULTI_JOB_ID=job), log,
+                            grace=stop_grace + KILL_GRACE_S if stop_grace else None,
+                            stale_after=hang_timeout + KILL_GRACE_S if hang_timeout else None,
+                            heartbeat=heartbeat)
+    previous = supervisor.install()
+    try:
+        for attempt in range(1, attempts + 1):
+            run_id = uuid.uuid4().hex
+            argv = command(args)
+            log(f'launching {nprocs} ranks (attempt {attempt}/{attempts}, job {job}): '
+                f'{" ".join(argv)}')
+            if heartbeat and os.path.exists(heartbeat):
+                os.unlink(heartbeat)  # the previous attempt's
+            code = supervisor.run(argv, run_id)
+            done = status(out, run_id=run_id).completed
+            decision = decide(code, done, supervisor.stop_signal is not None, attempt, attempts)
+            if decision.action == 'done':
+                if decision.reason:
+                    log(decision.reason)
+                return decision.status
+            if decision.action == 'give_up':
+                budget = (f'; giving up after {max_restarts} restart(s)'
+                          if attempt == attempts and supervisor.stop_signal is None
+                          and code != EXIT_USAGE else '')
+                hint = (' (use --max-restarts R to restart from the newest checkpoint)'
+                        if budget and not max_restarts else '')
+                log(f'job {"stopped" if code == EXIT_STOPPED else "failed"}: '
+                    f'{decision.reason}{budget}{hint}')
+                return decision.status
+            log(f'job failed: {decision.reason}; restart {attempt}/{max_restarts} from the '
+                f'newest checkpoint in {out} in {restart_delay:g} s')
+            _sleep_unless_stopped(restart_delay, supervisor)
+            if supervisor.stop_signal is not None:
+                log('stop requested while waiting to restart: not restarting')
+                return decision.status
+            args = restart_args(train_args)
+        return EXIT_FAILED  # not reached
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _sleep_unless_stopped(seconds: float, supervisor: Supervisor) -> None:
+    deadline = time.monotonic() + seconds
+    while supervisor.stop_signal is None and time.monotonic() < deadline:
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))

@@ -4,12 +4,15 @@
 takes user objects (a network, datasets) from Python. Rank 0 alone writes logs, plots,
 checkpoints, ``model.npz`` and then ``result.json``, the marker that the run completed.
 """
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import sys
+import threading
 import time
+import uuid
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -19,15 +22,16 @@ from chainer import training
 from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
-from distmulti import checkpoint, errors
+from distmulti import checkpoint, errors, outdir, stopping
 from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
-from distmulti.watchdog import Watchdog
+from distmulti.watchdog import Watchdog, WatchdogExtension
 from distmulti.config import TrainConfig
 from distmulti.data import ShuffledIterator, check_label_shape, check_labels, digit_strips
 from distmulti.datasets import labels_array, load_dataset, split_dataset
-from distmulti.errors import CheckpointError, ConfigError, DataError, DistmultiError
+from distmulti.errors import (CheckpointError, ConfigError, DataError, DistmultiError,
+                              TrainingStopped)
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
@@ -44,7 +48,7 @@ def _stderr_log(msg: str) -> None:
 
 def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None, heads=None,
           optimizers=None, train_data=None, test_data=None, comm=None,
-          log: Callable[[str], None] = None) -> Dict[str, Any]:
+          log: Callable[[str], None] = None, handle_signals: bool = True) -> Dict[str, Any]:
     """Trains a multi-head network and returns the final result dictionary.
 
     Every rank calls this with the same arguments; collective steps are marked below.
@@ -62,6 +66,13 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             are used (others may pass None).
         comm: the process group (default: MPI.COMM_WORLD under mpiexec, else one process).
         log: where one-line messages go (default: stderr).
+        handle_signals: when called from the main thread, SIGTERM, SIGINT, SIGHUP and
+            SIGUSR1 stop the training at a checkpoint (``TrainingStopped`` is raised, on every
+            rank); see ``distmulti.stopping``.
+
+    Raises:
+        TrainingStopped: a stop signal arrived; the checkpoint it wrote continues the run
+            with ``--resume auto``.
     """
     log = log or _stderr_log
     network = 'python' if (net is not None or base is not None or heads is not None) else (
@@ -73,10 +84,49 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
     elif net is None:
         net = MultiHeadNet(base, heads)
     config = dataclasses.replace(config, heads=net.n_heads).validate(net.head_names)
-    on_gpu = config.device.startswith('@cupy')
-    world = comm or create_world(config.communicator, on_gpu=on_gpu, log=log)
+    run_id = os.environ.get('DISTMULTI_RUN_ID') or uuid.uuid4().hex
+    with contextlib.ExitStack() as stack:
+        stop = None
+        if handle_signals and threading.current_thread() is threading.main_thread():
+            stop = stack.enter_context(stopping.StopRequest(config.stop_grace, log))
+        watchdog = None
+        if config.hang_timeout:
+            # From here to the end: start-up, collectives, evaluation and writes included.
+            watchdog = Watchdog(config.hang_timeout, log=log).start()
+            stack.callback(watchdog.stop)
+        on_gpu = config.device.startswith('@cupy')
+        world = comm or create_world(config.communicator, on_gpu=on_gpu, log=log)
+        if stop is not None:
+            stop.announce = world.is_root
+        if watchdog is not None:
+            watchdog.rank = world.rank
+            if world.size > 1:
+                watchdog.attach(world.mpi)                              # collective
+        _check_same_run(world, config)                                  # collective
+        lock = _on_root(world, lambda: _claim_output(config, run_id, log), None)  # collective
+        if lock is not None:
+            stack.callback(lock.release)
+            if watchdog is not None:
+                watchdog.heartbeat_path = os.path.join(config.out, HEARTBEAT_FILE)
+        result = _train(config, net, world, run_id, network, optimizers, train_data,
+                        test_data, log, watchdog)
+        if watchdog is not None:
+            watchdog.close()                                            # collective
+        return result
+
+
+def _claim_output(config: TrainConfig, run_id: str, log) -> outdir.OutputLock:
+    """Rank 0: the output folder made or checked, locked for this run, its stale temporary
+    files removed."""
+    outdir.prepare(config.out)
+    lock = outdir.OutputLock(config.out, run_id, outdir.job_id(), log).acquire()
+    outdir.remove_stale_tmp(config.out, log)
+    return lock
+
+
+def _train(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: str,
+           optimizers, train_data, test_data, log, watchdog) -> Dict[str, Any]:
     root_log = log if world.is_root else (lambda msg: None)
-    _check_same_run(world, config)                                      # collective
     device = resolve_device(rank_device_spec(config.device, world))
     _seed_everything(config.seed, device)
 
@@ -118,32 +168,31 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
                                backward=config.backward, frozen=config.freeze, comm=world,
                                grad_sync=config.grad_sync, device=device)  # collective
-    if world.is_root:
-        os.makedirs(config.out, exist_ok=True)
-    trainer = training.Trainer(updater, config.stop_trigger, out=config.out)
+    is_last = _is_last_iteration(config)
+    trainer = training.Trainer(updater, StopTrigger(config.stop_trigger, updater),
+                               out=config.out)
     evaluator = MultiHeadEvaluator(test_iter, net, loss_weights=config.weights,
                                    device=device, comm=world)
-    watchdog = None
-    if config.hang_timeout:
-        watchdog = Watchdog(config.hang_timeout, world.rank, on_fire=_abort_job(world), log=log,
-                            heartbeat_path=(os.path.join(config.out, HEARTBEAT_FILE)
-                                            if world.is_root else None))
-        updater.heartbeat = watchdog.beat
-        evaluator.heartbeat = watchdog.beat
-    _add_extensions(trainer, evaluator, config, len(train_data), world, watchdog)
+    checkpointer = _add_extensions(trainer, evaluator, config, len(train_data), world,
+                                   watchdog, run_id)
 
+    lineage = run_id
     if config.resume:
-        _resume(trainer, updater, train_iter, config, world, root_log)  # collective
+        lineage = _resume(trainer, updater, train_iter, config, world, root_log) or run_id
+    checkpointer.manifest['lineage'] = lineage
+    _on_root(world, lambda: outdir.set_aside(                           # collective
+        config.out, updater.iteration if config.resume else None, log), None)
 
-    if watchdog is not None:
-        watchdog.start()
     start = time.perf_counter()
-    try:
-        trainer.run(show_loop_exception_msg=False)
-        final = evaluator.evaluate()                                    # collective
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
+    trainer.run(show_loop_exception_msg=False)
+    if updater.stop_agreed and not is_last(updater):
+        request = stopping.current()
+        why = (f'on {stopping.signal_name(request.signum)}' if request and request.signum
+               else 'on another rank\'s request')
+        raise TrainingStopped(
+            f'stopped {why} at iteration {updater.iteration}; wrote '
+            f'{checkpointer.last_written[1]}; continue with --resume auto', collective=True)
+    final = evaluator.evaluate()                                        # collective
     wall = time.perf_counter() - start
     prefix = 'validation/main/'
     result = {
@@ -151,24 +200,46 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
         'iterations': updater.iteration,
         'epoch_detail': updater.epoch_detail,
         'wall_time_s': wall,
-        'run_id': os.environ.get('DISTMULTI_RUN_ID'),
+        'run_id': run_id,
+        'job_id': outdir.job_id(),
+        'lineage': lineage,
         'network': network,
         'world_size': world.size,
         'global_batchsize': config.batchsize * world.size,
         'version': __version__,
         'config': config.to_dict(),
     }
-    if world.is_root:
-        checkpoint.save_npz(os.path.join(config.out, MODEL_FILE), net)
-        result_path = os.path.join(config.out, RESULT_FILE)
-        with checkpoint.atomic_file(result_path) as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        accs = '  '.join(f'{name} {result["test"].get(name + "/accuracy", float("nan")):.4f}'
-                         for name in net.head_names)
-        root_log(f'test accuracy: {accs}  all heads {result["test"].get("accuracy_all", 0):.4f} '
-                 f'({int(result["test"]["samples"])} samples, {updater.iteration} iterations, '
-                 f'{wall:.1f} s); wrote {os.path.join(config.out, MODEL_FILE)} and {result_path}')
+    _on_root(world, lambda: _write_results(config, net, result), None)  # collective
+    accs = '  '.join(f'{name} {result["test"].get(name + "/accuracy", float("nan")):.4f}'
+                     for name in net.head_names)
+    root_log(f'test accuracy: {accs}  all heads {result["test"].get("accuracy_all", 0):.4f} '
+             f'({int(result["test"]["samples"])} samples, {updater.iteration} iterations, '
+             f'{wall:.1f} s); wrote {os.path.join(config.out, MODEL_FILE)} and '
+             f'{os.path.join(config.out, RESULT_FILE)}')
     return result
+
+
+def _write_results(config: TrainConfig, net: MultiHeadNet, result: Dict[str, Any]) -> None:
+    """Rank 0: model.npz, then result.json (last: it marks the run as completed)."""
+    checkpoint.save_npz(os.path.join(config.out, MODEL_FILE), net)
+    with checkpoint.atomic_file(os.path.join(config.out, RESULT_FILE)) as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+
+
+class StopTrigger:
+    """The run's stop trigger, or the iteration at which the ranks agreed to stop (see
+    ``distmulti.stopping``). Saved in checkpoints exactly as the trigger it wraps."""
+
+    def __init__(self, trigger, updater):
+        self.trigger = chainer.training.get_trigger(trigger)
+        self.updater = updater
+
+    def __call__(self, trainer) -> bool:
+        return self.trigger(trainer) or self.updater.stop_agreed
+
+    def serialize(self, serializer) -> None:
+        if hasattr(self.trigger, 'serialize'):
+            self.trigger.serialize(serializer)
 
 
 def _on_root(world, load, empty):
@@ -280,9 +351,11 @@ def _check_same_run(world, config: TrainConfig) -> None:
                           f'; start every rank with the same arguments', collective=True)
 
 
-def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> None:
-    """Loads ``config.resume`` (a file, or ``auto``: the newest valid checkpoint) on every rank."""
+def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> Optional[str]:
+    """Loads ``config.resume`` (a file, or ``auto``: the newest valid checkpoint) on every
+    rank; returns the lineage of the checkpoint (None: unknown, or nothing to resume)."""
     path = config.resume
+    manifest = None
     if path == 'auto':
         found = None
         if world.is_root:
@@ -290,7 +363,7 @@ def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> No
         found = world.allgather_obj(found)[0]
         if found is None:
             log(f'--resume auto: no valid checkpoint in {config.out}; starting from the beginning')
-            return
+            return None
         path, manifest = found
         if manifest.get('config_hash') != checkpoint.config_hash(config.to_dict()):
             changed = sorted(k for k, v in manifest.get('config', {}).items()
@@ -313,13 +386,10 @@ def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> No
              f'; it was written by {written_by} rank(s) and continues on {world.size}, so the '
              f'data is re-sharded from here')
     log(f'resumed from {path} at iteration {updater.iteration}{ranks}')
-
-
-def _abort_job(world):
-    def abort():
-        if world.size > 1:
-            world.abort(3)
-    return abort
+    if manifest is None and path.endswith('.npz'):
+        manifest = world.allgather_obj(checkpoint.read_manifest(
+            os.path.dirname(path) or '.', updater.iteration) if world.is_root else None)[0]
+    return (manifest or {}).get('lineage')
 
 
 def _is_last_iteration(config: TrainConfig):
@@ -330,7 +400,8 @@ def _is_last_iteration(config: TrainConfig):
 
 
 def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world,
-                    watchdog) -> None:
+                    watchdog, run_id: str) -> checkpoint.Checkpointer:
+    """Every extension of a run; returns the checkpointer (its manifest gets the lineage)."""
     per_epoch = max(1, -(-n_train // config.batchsize))
     if config.eval_interval is not None:
         report_trigger = (config.eval_interval, 'iteration')
@@ -338,16 +409,18 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         report_trigger = (min(config.iterations, per_epoch), 'iteration')
     else:
         report_trigger = (1, 'epoch')
+    if watchdog is not None:
+        trainer.extend(WatchdogExtension(watchdog))
     # Both on every rank: they are collective.
     trainer.extend(evaluator, trigger=report_trigger)
-    trainer.extend(checkpoint.Checkpointer(
+    checkpointer = checkpoint.Checkpointer(
         world, config.out, config.checkpoint_interval, config.keep_checkpoints,
         _is_last_iteration(config),
         {'config_hash': checkpoint.config_hash(config.to_dict()), 'config': config.to_dict(),
-         'version': __version__},
-        pause=watchdog.paused if watchdog is not None else None))
+         'version': __version__, 'run_id': run_id})
+    trainer.extend(checkpointer)
     if not world.is_root:
-        return
+        return checkpointer
     trainer.extend(extensions.LogReport(trigger=report_trigger))
     net = evaluator.get_target('main')
     with_acc = [name for name, ok in zip(net.head_names, net.has_logits) if ok]
@@ -367,6 +440,7 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         for filename, keys in plots.items():
             trainer.extend(extensions.PlotReport(keys, x_key=report_trigger[1],
                                                  trigger=report_trigger, filename=filename))
+    return checkpointer
 
 
 def _seed_everything(seed: int, device) -> None:

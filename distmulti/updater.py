@@ -20,6 +20,7 @@ import chainer
 from chainer.dataset import convert
 from chainer.training import StandardUpdater
 
+from distmulti import stopping
 from distmulti.comm import LocalComm
 from distmulti.config import BACKWARD_MODES, GRAD_SYNC_MODES
 from distmulti.errors import NonFiniteLossError
@@ -76,7 +77,9 @@ class MultiHeadUpdater(StandardUpdater):
         self.backward_mode = backward
         self.comm = comm or LocalComm()
         self.grad_sync = grad_sync
-        self.heartbeat = None  # called with the iteration count after every update
+        # True from the iteration at which any rank had been asked to stop (see stopping.py):
+        # every rank learns it from the same all-reduce, so all stop at the same iteration.
+        self.stop_agreed = False
         self.frozen = frozenset(net.head_names[i] for i in frozen)
         for name in self.frozen:
             # After optimizer.setup(), which would replace a disabled update rule.
@@ -87,19 +90,18 @@ class MultiHeadUpdater(StandardUpdater):
                 self._optimizers = {name: _multi_node(opt, self.comm)
                                     for name, opt in self._optimizers.items()}
 
-    def update(self):
-        super().update()
-        if self.heartbeat is not None:
-            self.heartbeat(self.iteration)
-
     def update_core(self):
         batch = self.get_iterator('main').next()
         x, t = self.converter(batch, self.input_device)
         net, comm = self.net, self.comm
         outputs = net.head_outputs(x, t)
         layout = Layout(net.n_heads)
-        # The same small collective on every rank, every iteration, before any decision.
-        stats = comm.allreduce_sum(batch_stats(outputs, t))
+        # The same small collective on every rank, every iteration, before any decision. Its
+        # last element counts the ranks that have been asked to stop.
+        local = np.append(batch_stats(outputs, t), 1.0 if stopping.requested() else 0.0)
+        reduced = comm.allreduce_sum(local)
+        stats = reduced[:-1]
+        self.stop_agreed = self.stop_agreed or bool(reduced[-1] > 0)
         if not np.isfinite(layout.loss_sums(stats)).all():
             self._raise_non_finite(layout.loss_sums(stats))
 

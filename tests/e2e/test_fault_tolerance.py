@@ -93,7 +93,9 @@ def test_a_stopped_rank_trips_the_watchdog_and_the_supervisor_completes_the_run(
             except ProcessLookupError:
                 pass
     assert code == 0, out[-4000:]
-    assert 'no training iteration completed in 4 s (last completed iteration' in out
+    # Rank 0 hears nothing from the stopped rank and ends the job.
+    assert 'rank 1 sent no heartbeat for' in out and 'it is stopped, dead or cut off' in out
+    assert 'the hang watchdog (4 s) is ending the job (exit 3)' in out
     assert 'restart 1/1 from the newest checkpoint' in out
     assert json.loads((tmp_path / 'result.json').read_text())['iterations'] == 120
     assert time.monotonic() - stopped_at < 280

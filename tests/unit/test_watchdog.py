@@ -1,73 +1,129 @@
-"""Watchdog timing: fires after the timeout without heartbeats, never while paused."""
+"""The hang watchdog's decisions, driven by an injected clock (no sleeps): alone before the
+ranks connect, then as rank 0 judging the others or as a rank judging rank 0."""
 import os
 import time
 
-from distmulti.watchdog import Watchdog
+import pytest
+
+from distmulti import watchdog as wd
+from distmulti.watchdog import PeerState, Watchdog, verdict
 
 
-def make(timeout, fired, logs):
-    return Watchdog(timeout, rank=1, on_fire=lambda: fired.append(time.monotonic()),
-                    log=logs.append, exit_process=False)
+class Clock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
 
 
-def test_fires_once_after_the_timeout_and_names_rank_and_iteration():
+def make(timeout=4.0, rank=1, clock=None, **kw):
     fired, logs = [], []
-    dog = make(0.4, fired, logs).start()
+    dog = Watchdog(timeout, rank=rank, on_fire=lambda: fired.append(True), log=logs.append,
+                   exit_process=False, clock=clock or Clock(), **kw)
+    return dog, fired, logs
+
+
+def test_alone_it_fires_only_after_the_timeout_and_names_rank_and_iteration():
+    clock = Clock()
+    dog, fired, logs = make(clock=clock)
     dog.beat(7)
-    start = time.monotonic()
-    time.sleep(1.2)
-    dog.stop()
-    assert len(fired) == 1 and 0.4 <= fired[0] - start <= 0.4 + 0.3
-    assert 'rank 1: no training iteration completed in 0.4 s (last completed iteration 7)' \
-        in logs[0]
+    clock.now += 3.9
+    assert not dog.step(clock()) and fired == []
+    clock.now += 0.2
+    assert dog.step(clock()) and fired == [True]
+    assert logs[0].startswith('rank 1: no progress for 4.1 s (last completed iteration 7)')
+    assert 'ending the job (exit 3)' in logs[0]
 
 
-def test_heartbeats_keep_it_quiet():
-    fired, logs = [], []
-    dog = make(0.4, fired, logs).start()
-    for i in range(12):
-        time.sleep(0.1)
+def test_beats_keep_it_quiet():
+    clock = Clock()
+    dog, fired, _ = make(clock=clock)
+    for i in range(20):
+        clock.now += 1.0
         dog.beat(i)
-    dog.stop()
+        assert not dog.step(clock())
     assert fired == []
 
 
-def test_a_pause_longer_than_the_timeout_does_not_fire_and_restarts_the_clock():
-    fired, logs = [], []
-    dog = make(0.4, fired, logs).start()
-    with dog.paused():
-        time.sleep(1.0)
-    time.sleep(0.2)  # less than the timeout after the pause ended
-    dog.stop()
-    assert fired == []
+def test_busy_work_longer_than_the_timeout_counts_as_progress_and_restarts_the_clock():
+    clock = Clock()
+    dog, fired, _ = make(clock=clock)
+    with dog.busy('writing a checkpoint'):
+        clock.now += 60
+        assert not dog.step(clock())
+    clock.now += 3.0  # less than the timeout after the write ended
+    assert not dog.step(clock())
+    clock.now += 1.5
+    assert dog.step(clock())
 
 
-def test_rank_0_heartbeat_file_is_fresh_while_healthy_and_goes_stale_when_stuck(tmp_path):
+def test_module_level_beat_and_busy_reach_the_running_watchdog():
+    clock = Clock()
+    dog, _, _ = make(clock=clock, timeout=100)
+    wd.beat()  # no watchdog running: nothing happens
+    dog.start()
+    try:
+        clock.now += 50
+        wd.beat(3)
+        assert dog.idle(clock()) == 0 and dog._iteration == 3
+        with wd.busy('saving'):
+            clock.now += 500
+            assert dog.idle(clock()) == 0
+    finally:
+        dog.stop()
+    assert wd._active is None
+
+
+def test_rank_0_names_a_peer_that_went_silent():
+    peers = {1: PeerState(heard_at=100.0, idle=0.0, iteration=40),
+             2: PeerState(heard_at=95.0, idle=0.0, iteration=38)}
+    assert verdict(now=99.0, timeout=5, rank=0, own_idle=0, peers=peers) is None
+    reason = verdict(now=100.5, timeout=5, rank=0, own_idle=0, peers=peers)
+    assert reason.startswith('rank 2 sent no heartbeat for 5.5 s (last completed iteration 38)')
+
+
+def test_rank_0_does_not_fire_while_any_rank_makes_progress():
+    # Rank 0 has waited 30 s in a collective, but rank 1 (writing, say) reported no idling.
+    peers = {1: PeerState(heard_at=100.0, idle=0.0, iteration=5)}
+    assert verdict(now=100.5, timeout=5, rank=0, own_idle=30, peers=peers) is None
+
+
+def test_rank_0_fires_when_no_rank_made_progress_a_deadlock():
+    peers = {1: PeerState(heard_at=100.0, idle=4.0, iteration=5)}
+    assert verdict(now=100.5, timeout=5, rank=0, own_idle=6, peers=peers) is None  # 4.5 s
+    reason = verdict(now=101.5, timeout=5, rank=0, own_idle=7, peers=peers)
+    assert reason.startswith('no rank made progress for 5.5 s')
+
+
+def test_other_ranks_fire_only_when_rank_0_goes_silent():
+    assert verdict(now=104.0, timeout=5, rank=3, own_idle=50, root_heard_at=100.0) is None
+    reason = verdict(now=106.0, timeout=5, rank=3, own_idle=0, iteration=9,
+                     root_heard_at=100.0)
+    assert reason.startswith('rank 3: no heartbeat from rank 0 for 6.0 s (last completed '
+                             'iteration 9)')
+
+
+def test_rank_0_heartbeat_file_is_touched_while_healthy_and_not_when_it_fires(tmp_path):
     path = tmp_path / 'hb'
-    fired, logs = [], []
-    dog = Watchdog(0.6, rank=0, on_fire=lambda: fired.append(1), log=logs.append,
-                   exit_process=False, heartbeat_path=str(path)).start()
-    for _ in range(6):
-        time.sleep(0.1)
-        dog.beat()
-    assert time.time() - path.stat().st_mtime < 0.5
-    time.sleep(1.5)  # stuck: no beats
-    dog.stop()
-    assert fired == [1]
-    assert time.time() - path.stat().st_mtime > 0.8
-
-
-def test_the_supervisor_kills_a_job_whose_heartbeat_went_stale(tmp_path):
-    from distmulti.launcher import run_watched
-    heartbeat = tmp_path / 'hb'
-    heartbeat.write_text('')
+    clock = Clock()
+    dog, fired, _ = make(clock=clock, rank=0, heartbeat_path=str(path))
     old = time.time() - 100
-    os.utime(heartbeat, (old, old))
-    logs = []
-    start = time.monotonic()
-    code = run_watched(['sleep', '60'], os.environ, str(heartbeat), 30.0, logs.append)
-    assert code == 137 and time.monotonic() - start < 10
-    assert 'no heartbeat from rank 0 for' in logs[0] and 'killing the job' in logs[0]
-    # A fresh heartbeat leaves a job alone.
-    heartbeat.write_text('')
-    assert run_watched(['sleep', '2'], os.environ, str(heartbeat), 30.0, logs.append) == 0
+    assert not dog.step(clock())
+    assert time.time() - path.stat().st_mtime < 5
+    os.utime(path, (old, old))
+    clock.now += 10
+    assert dog.step(clock()) and fired
+    assert path.stat().st_mtime == pytest.approx(old)
+
+
+def test_a_watchdog_that_fires_ends_the_process_with_exit_3(tmp_path):
+    import subprocess
+    import sys
+    script = ('import distmulti.watchdog as w, time\n'
+              'w.Watchdog(0.3, rank=2, log=print).start()\n'
+              'time.sleep(30)\n')
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert 'rank 2: no progress for' in proc.stdout
