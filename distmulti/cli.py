@@ -17,7 +17,8 @@ from distmulti._version import __version__
 from distmulti.config import TrainConfig
 from distmulti.errors import (ConfigError, DistmultiError, NonFiniteLossError, OutputError,
                               TrainingStopped)
-from distmulti.runfiles import EXIT_FAILED, EXIT_SIGINT, EXIT_STOPPED, EXIT_USAGE, MODEL_FILE
+from distmulti.runfiles import (EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_STOPPED, EXIT_USAGE,
+                                MODEL_FILE)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument('--output', '-o', help='write the CSV here instead of stdout')
     pr.add_argument('--device', '-d', default='@numpy', help='as for train (default CPU)')
     pr.set_defaults(func=run_predict)
+
+    st = sub.add_parser('status', help='did the run in OUT complete? (exit 0 if so, else 1)',
+                        description='Says in one line whether the training in OUT completed: '
+                                    'its result.json is there and, when given, was written '
+                                    'by RUN_ID on N ranks. Exit status 0 when it did, 1 when '
+                                    'not (the line says why: missing, another run, a newest '
+                                    'checkpoint to resume from). Launch scripts use it.')
+    st.add_argument('out', metavar='OUT', help='the --out folder of a training')
+    st.add_argument('--run-id', help='the run id that must have written result.json '
+                                     '(DISTMULTI_RUN_ID of the training)')
+    st.add_argument('--world-size', type=int, metavar='N', help='the number of ranks the '
+                                                               'run must have had')
+    st.set_defaults(func=run_status)
 
     la = sub.add_parser('launch', help='run `distmulti train` on N ranks through mpiexec',
                         description='Builds and runs the mpiexec command for N ranks. '
@@ -200,6 +214,14 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.output:
             stream.close()
     return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from distmulti import outdir
+    state = outdir.status(args.out, run_id=args.run_id, world_size=args.world_size)
+    print(f'distmulti: {state.message}', file=sys.stdout if state.completed else sys.stderr,
+          flush=True)
+    return EXIT_OK if state.completed else EXIT_FAILED
 
 
 def run_launch(args: argparse.Namespace) -> int:

@@ -157,3 +157,14 @@ def test_status_needs_this_runs_result(tmp_path):
     other = outdir.status(str(tmp_path), run_id='r2')
     assert not other.completed and 'written by run r1' in other.message
     assert not outdir.status(str(tmp_path), world_size=4).completed
+
+
+def test_the_status_command_exits_0_only_for_a_completed_run(tmp_path, capsys):
+    from distmulti.cli import main
+    assert main(['status', str(tmp_path)]) == 1
+    assert 'result.json does not exist' in capsys.readouterr().err
+    (tmp_path / RESULT_FILE).write_text(json.dumps({'run_id': 'r1', 'world_size': 2}))
+    assert main(['status', str(tmp_path), '--run-id', 'r1', '--world-size', '2']) == 0
+    assert 'completed' in capsys.readouterr().out
+    assert main(['status', str(tmp_path), '--run-id', 'r9']) == 1
+    assert main(['status', str(tmp_path), '--world-size', '3']) == 1
