@@ -194,12 +194,14 @@ def write_checkpoint(out: str, iteration: int, target, manifest: dict, keep: int
     previous checkpoint as the newest valid one.
     """
     path, manifest_path = checkpoint_paths(out, iteration)
+    started = time.monotonic()
     save_npz(path, target)
     with watchdog.busy(f'checksumming {path}'):
         digest = file_sha256(path)
     record = dict(manifest, version=MANIFEST_VERSION, iteration=iteration,
                   file=os.path.basename(path), sha256=digest,
-                  bytes=os.path.getsize(path), written_at=time.time())
+                  bytes=os.path.getsize(path), written_at=time.time(),
+                  write_seconds=round(time.monotonic() - started, 3))
     with atomic_file(manifest_path) as f:
         f.write(json.dumps(record, indent=2, sort_keys=True))
     for old in rotation(out, manifest.get('lineage'), keep):

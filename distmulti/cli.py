@@ -156,6 +156,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from distmulti import inference
     from distmulti.comm import resolve_device
     from distmulti.config import normalize_device
+    from distmulti import outdir
+    out = args.out or os.path.join(args.run, 'evaluation')
+    outdir.prepare(out)  # before any work: a bad --out is said at once
     device = resolve_device(normalize_device(args.device))
     config, net = inference.load_run(args.run)
     if args.dataset:
@@ -167,8 +170,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
                               data[0][0])
     net.to_device(device)
     report = inference.evaluate_model(net, data, device=device)
-    out = args.out or os.path.join(args.run, 'evaluation')
-    os.makedirs(out, exist_ok=True)
     metrics = report['metrics']
     source = args.dataset or "the run's test data"
     print(f'evaluated {int(metrics["samples"])} samples ({source})')
@@ -182,7 +183,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(inference.format_confusion(name, matrix))
         inference.plot_confusion(matrix, f'{name} ({args.run})',
                                  os.path.join(out, f'confusion_{name}.png'))
-    with open(os.path.join(out, 'evaluation.json'), 'w', encoding='utf-8') as f:
+    from distmulti.checkpoint import atomic_file
+    with atomic_file(os.path.join(out, 'evaluation.json')) as f:
         json.dump({'metrics': metrics, 'dataset': source,
                    'confusion': {k: v.tolist() for k, v in report['confusion'].items()}},
                   f, indent=2, sort_keys=True)
@@ -195,6 +197,8 @@ def run_predict(args: argparse.Namespace) -> int:
     from distmulti import inference
     from distmulti.comm import resolve_device
     from distmulti.config import normalize_device
+    if args.output:
+        _check_output_file(args.output)
     device = resolve_device(normalize_device(args.device))
     config, net = inference.load_run(args.run)
     sample = inference.run_data(config)[1][0][0]
@@ -204,16 +208,27 @@ def run_predict(args: argparse.Namespace) -> int:
     x, names = inference.read_inputs(args.inputs, like=np.asarray(sample))
     predictions = inference.predict(net, x, device=device)
     heads = list(predictions)
-    stream = open(args.output, 'w', newline='') if args.output else sys.stdout
-    try:
-        writer = csv.writer(stream)
-        writer.writerow(['input'] + heads)
-        for i, name in enumerate(names):
-            writer.writerow([name] + [int(predictions[h][i]) for h in heads])
-    finally:
-        if args.output:
-            stream.close()
+    rows = [['input'] + heads] + [[name] + [int(predictions[h][i]) for h in heads]
+                                  for i, name in enumerate(names)]
+    if not args.output:
+        csv.writer(sys.stdout).writerows(rows)
+        return 0
+    from distmulti.checkpoint import atomic_file
+    with atomic_file(args.output) as f:
+        csv.writer(f).writerows(rows)
     return 0
+
+
+def _check_output_file(path: str) -> None:
+    """OutputError unless ``path`` can be a new or replaced file (its folder exists)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OutputError(f'--output {path} is a folder; give a file path for the CSV')
+    if not os.path.isdir(folder):
+        raise OutputError(f'--output {path}: the folder {folder} does not exist; create it '
+                          f'or write the CSV elsewhere')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f'--output {path}: the folder {folder} is not writable')
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -150,8 +150,10 @@ def create_world(communicator: str = 'auto', on_gpu: bool = False,
         return _world
     try:
         # MPI's start-up waits for every rank while holding the GIL: only a process outside
-        # can watch it (see distmulti.watchdog.blocking).
-        with watchdog.blocking('MPI start-up', rank=_rank_from_env(environ)):
+        # can watch it (see distmulti.watchdog.blocking). It waits for the slowest rank to
+        # start Python and import everything, so it gets the start-up allowance.
+        with watchdog.blocking('MPI start-up', rank=_rank_from_env(environ),
+                               at_least=watchdog.STARTUP_MIN_S):
             from mpi4py import MPI
         import chainermn
     except Exception as e:  # ImportError, or the MPI shared library failing to load

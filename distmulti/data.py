@@ -13,10 +13,13 @@ import numpy as np
 from chainer.datasets import TupleDataset
 from chainer.iterators import SerialIterator, _statemachine
 
-from distmulti.errors import DataError
+from distmulti.errors import ConfigError, DataError
 from distmulti.models import IGNORE_LABEL
 
 DIGIT_SIZE = 8
+#: The embedded strips are 8 x 8K pixels: beyond this many heads (digits per strip) they are
+#: no longer a sensible task for the built-in network; bring your own data.
+EMBEDDED_MAX_HEADS = 64
 
 
 class DigitStrips(NamedTuple):
@@ -64,6 +67,35 @@ def digit_strips(k: int, n_train: int, n_test: int, seed: int = 0,
     train = make_strips(images, labels, np.sort(train_pool), n_train, k, rng)
     test = make_strips(images, labels, np.sort(test_pool), n_test, k, rng)
     return train, test
+
+
+def check_embedded_size(heads: int, samples: int) -> None:
+    """ConfigError, at once, when the embedded data cannot be made for these sizes: more
+    heads than the strips support, or strips that do not fit in this machine's memory."""
+    if heads > EMBEDDED_MAX_HEADS:
+        raise ConfigError(f'heads {heads} is more than the embedded digit strips support (1 to '
+                          f'{EMBEDDED_MAX_HEADS} digits per strip); use --heads '
+                          f'{EMBEDDED_MAX_HEADS} or fewer, or your own data (--dataset)',
+                          collective=True)
+    need = 3 * samples * DIGIT_SIZE * DIGIT_SIZE * heads * 4  # pixels, source and strip copies
+    available = available_memory()
+    if available is not None and need > available:
+        raise ConfigError(f'the embedded data for {heads} heads and {samples} strips needs '
+                          f'about {need / 1e9:.1f} GB to build but {available / 1e9:.1f} GB '
+                          f'are available; use fewer --train-size/--test-size strips or heads',
+                          collective=True)
+
+
+def available_memory():
+    """Bytes of memory available for new work (Linux MemAvailable), or None if unknown."""
+    try:
+        with open('/proc/meminfo', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def check_label_shape(y: np.ndarray, n_heads: int, where: str) -> None:

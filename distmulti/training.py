@@ -26,9 +26,11 @@ from distmulti import checkpoint, errors, outdir, stopping
 from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
-from distmulti.watchdog import Watchdog, WatchdogExtension
+from distmulti import watchdog as watchdog_module
+from distmulti.watchdog import Watchdog, WatchdogExtension, busy as watchdog_busy
 from distmulti.config import TrainConfig
-from distmulti.data import ShuffledIterator, check_label_shape, check_labels, digit_strips
+from distmulti.data import (ShuffledIterator, check_embedded_size, check_label_shape,
+                            check_labels, digit_strips)
 from distmulti.datasets import labels_array, load_dataset, split_dataset
 from distmulti.errors import (CheckpointError, ConfigError, DataError, DistmultiError,
                               TrainingStopped)
@@ -102,6 +104,8 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             watchdog.rank = world.rank
             if world.size > 1:
                 watchdog.attach(world.mpi)                              # collective
+            else:
+                watchdog.startup_done()
         _check_same_run(world, config)                                  # collective
         lock = _on_root(world, lambda: _claim_output(config, run_id, log), None)  # collective
         if lock is not None:
@@ -109,7 +113,7 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             if watchdog is not None:
                 watchdog.heartbeat_path = os.path.join(config.out, HEARTBEAT_FILE)
         result = _train(config, net, world, run_id, network, optimizers, train_data,
-                        test_data, log, watchdog)
+                        test_data, log)
         if watchdog is not None:
             watchdog.close()                                            # collective
         return result
@@ -125,7 +129,21 @@ def _claim_output(config: TrainConfig, run_id: str, log) -> outdir.OutputLock:
 
 
 def _train(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: str,
-           optimizers, train_data, test_data, log, watchdog) -> Dict[str, Any]:
+           optimizers, train_data, test_data, log) -> Dict[str, Any]:
+    with watchdog_busy('setting up'):
+        # Local work and start-up collectives: a rank that stops or dies here is still seen
+        # by the watchdog (its heartbeats stop); a slow set-up does not count as a hang.
+        trainer, updater, evaluator, checkpointer, lineage = _set_up(
+            config, net, world, run_id, optimizers, train_data, test_data, log)
+    start = time.perf_counter()
+    trainer.run(show_loop_exception_msg=False)
+    return _finish(config, net, world, run_id, network, trainer, updater, evaluator,
+                   checkpointer, lineage, start, log)
+
+
+def _set_up(config: TrainConfig, net: MultiHeadNet, world, run_id: str, optimizers,
+            train_data, test_data, log):
+    """Data, device, optimizers, updater, trainer and extensions; resumes if asked."""
     root_log = log if world.is_root else (lambda msg: None)
     device = resolve_device(rank_device_spec(config.device, world))
     _seed_everything(config.seed, device)
@@ -168,13 +186,12 @@ def _train(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: 
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
                                backward=config.backward, frozen=config.freeze, comm=world,
                                grad_sync=config.grad_sync, device=device)  # collective
-    is_last = _is_last_iteration(config)
     trainer = training.Trainer(updater, StopTrigger(config.stop_trigger, updater),
                                out=config.out)
     evaluator = MultiHeadEvaluator(test_iter, net, loss_weights=config.weights,
                                    device=device, comm=world)
     checkpointer = _add_extensions(trainer, evaluator, config, len(train_data), world,
-                                   watchdog, run_id)
+                                   watchdog_module.current(), run_id)
 
     lineage = run_id
     if config.resume:
@@ -182,10 +199,15 @@ def _train(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: 
     checkpointer.manifest['lineage'] = lineage
     _on_root(world, lambda: outdir.set_aside(                           # collective
         config.out, updater.iteration if config.resume else None, log), None)
+    return trainer, updater, evaluator, checkpointer, lineage
 
-    start = time.perf_counter()
-    trainer.run(show_loop_exception_msg=False)
-    if updater.stop_agreed and not is_last(updater):
+
+def _finish(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: str,
+            trainer, updater, evaluator, checkpointer, lineage, start: float, log
+            ) -> Dict[str, Any]:
+    """After the training loop: a stop, or the final evaluation, model and result."""
+    root_log = log if world.is_root else (lambda msg: None)
+    if updater.stop_agreed and not _is_last_iteration(config)(updater):
         request = stopping.current()
         why = (f'on {stopping.signal_name(request.signum)}' if request and request.signum
                else 'on another rank\'s request')
@@ -270,6 +292,7 @@ def _load_data(config: TrainConfig, train_data, test_data):
             test_data = load_dataset(config.test_dataset)
             names = (config.dataset, config.test_dataset)
     if train_data is None:
+        check_embedded_size(config.heads, config.train_size + config.test_size)
         train_split, test_split = digit_strips(config.heads, config.train_size,
                                                config.test_size, seed=config.seed)
         train_data, test_data = train_split.dataset(), test_split.dataset()

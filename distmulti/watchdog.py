@@ -9,8 +9,11 @@ save.
   :class:`WatchdogExtension`, and after every evaluation batch) and :func:`busy` (long local
   work such as writing a checkpoint, which counts as progress for as long as it lasts).
 * Until the ranks are connected (``attach``), each watchdog judges its own rank alone: no
-  progress for ``timeout`` seconds fires (a peer stopped before start-up leaves the others
-  waiting in MPI's start-up or in the first collective).
+  progress for ``timeout`` seconds, or ``STARTUP_MIN_S`` if that is longer, fires (a peer
+  stopped before start-up leaves the others waiting in MPI's start-up or in the first
+  collective; the minimum leaves room for the slowest rank to start Python and import).
+  MPI's own initialisation holds Python's GIL while it waits, so a separate process watches
+  it (:func:`blocking`).
 * Once attached, the watchdog threads exchange tiny heartbeats on a communicator of their own:
   every rank tells rank 0 how long it has been idle, rank 0 answers every rank. Rank 0 fires
   when a rank has sent nothing for ``timeout`` seconds (stopped, dead, cut off) or when no rank
@@ -38,6 +41,14 @@ import chainer
 from distmulti.runfiles import EXIT_HANG
 
 _active: Optional['Watchdog'] = None
+#: Seconds the start-up (before the ranks' watchdogs are connected) may take, whatever the
+#: timeout: every rank waits there until the slowest one has started and imported chainer.
+STARTUP_MIN_S = 30.0
+
+
+def current() -> Optional['Watchdog']:
+    """The running watchdog of this process, if any."""
+    return _active
 
 
 def beat(iteration: Optional[int] = None) -> None:
@@ -71,16 +82,18 @@ if not select.select([sys.stdin], [], [], timeout)[0]:
 
 
 @contextlib.contextmanager
-def blocking(what: str, rank: str = '?'):
+def blocking(what: str, rank: str = '?', at_least: float = 0.0):
     """Inside: a call that may block holding the GIL (MPI's initialisation does); with a
-    watchdog running, a monitor process kills this one if it lasts longer than the timeout
-    (the rank then ends with status 137, which ends the job)."""
+    watchdog running, a monitor process kills this one if it lasts longer than the timeout,
+    or ``at_least`` seconds if that is longer (the rank then ends with status 137, which
+    ends the job)."""
     if _active is None:
         yield
         return
     import subprocess
+    limit = max(_active.timeout, at_least)
     monitor = subprocess.Popen([sys.executable, '-S', '-c', _MONITOR, str(os.getpid()),
-                                str(_active.timeout), what, rank], stdin=subprocess.PIPE)
+                                str(limit), what, rank], stdin=subprocess.PIPE)
     try:
         yield
     finally:
@@ -230,6 +243,7 @@ class Watchdog:
         self._iteration = 0
         self._busy = 0
         self.channel: Optional[HeartbeatChannel] = None
+        self.starting = True  # see startup_done
         self.fired: Optional[str] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name='distmulti-watchdog',
@@ -265,6 +279,12 @@ class Watchdog:
         self._thread.start()
         return self
 
+    def startup_done(self) -> None:
+        """The start-up allowance (``STARTUP_MIN_S``) ends: from now on the timeout."""
+        with self._lock:
+            self.starting = False
+            self._last = self._clock()
+
     def attach(self, mpi_comm) -> None:
         """Connects the ranks' watchdogs (collective: every rank calls it at the same point).
 
@@ -274,11 +294,12 @@ class Watchdog:
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             self._log('the MPI library gives no MPI_THREAD_MULTIPLE: each rank\'s watchdog '
                       'only watches its own progress')
+            self.startup_done()
             return
         channel = HeartbeatChannel(mpi_comm, self._clock)
         with self._lock:
             self.channel = channel
-            self._last = self._clock()
+        self.startup_done()
 
     def stop(self) -> None:
         """Ends the watchdog thread and cancels its pending receives (local, any time)."""
@@ -304,7 +325,8 @@ class Watchdog:
         idle = self.idle(now)
         channel = self.channel
         if channel is None:
-            return verdict(now, self.timeout, self.rank, idle, self._iteration)
+            timeout = max(self.timeout, STARTUP_MIN_S) if self.starting else self.timeout
+            return verdict(now, timeout, self.rank, idle, self._iteration)
         channel.exchange(idle, self._iteration)
         if channel.rank == 0:
             return verdict(now, self.timeout, self.rank, idle, self._iteration,

