@@ -19,8 +19,8 @@ from chainer import training
 from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
-from distmulti import checkpoint, errors
-from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE
+from distmulti import checkpoint, errors, user_extensions
+from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE, TENSORBOARD_DIR
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
 from distmulti.watchdog import Watchdog
@@ -31,6 +31,7 @@ from distmulti.errors import CheckpointError, ConfigError, DataError, DistmultiE
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
+from distmulti.timing import IterationTimer
 from distmulti.updater import MultiHeadUpdater
 
 EVAL_BATCHSIZE = 500
@@ -44,7 +45,7 @@ def _stderr_log(msg: str) -> None:
 
 def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None, heads=None,
           optimizers=None, train_data=None, test_data=None, comm=None,
-          log: Callable[[str], None] = None) -> Dict[str, Any]:
+          log: Callable[[str], None] = None, extensions=None) -> Dict[str, Any]:
     """Trains a multi-head network and returns the final result dictionary.
 
     Every rank calls this with the same arguments; collective steps are marked below.
@@ -62,8 +63,13 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             are used (others may pass None).
         comm: the process group (default: MPI.COMM_WORLD under mpiexec, else one process).
         log: where one-line messages go (default: stderr).
+        extensions: your own Chainer extensions, added after distmulti's: each an extension,
+            an ``(extension, trigger)`` pair or a dict of ``Trainer.extend`` arguments (plus
+            ``root_only``); they run on every rank unless ``root_only`` (see
+            ``distmulti.user_extensions``).
     """
     log = log or _stderr_log
+    extra_extensions = user_extensions.normalize(extensions)
     network = 'python' if (net is not None or base is not None or heads is not None) else (
         config.model or 'default')
     if net is None and base is None and heads is None:
@@ -131,6 +137,7 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
         updater.heartbeat = watchdog.beat
         evaluator.heartbeat = watchdog.beat
     _add_extensions(trainer, evaluator, config, len(train_data), world, watchdog)
+    user_extensions.register(trainer, extra_extensions, world.is_root)
 
     if config.resume:
         _resume(trainer, updater, train_iter, config, world, root_log)  # collective
@@ -346,10 +353,20 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         {'config_hash': checkpoint.config_hash(config.to_dict()), 'config': config.to_dict(),
          'version': __version__},
         pause=watchdog.paused if watchdog is not None else None))
+    net = evaluator.get_target('main')
+    if config.tensorboard:
+        from distmulti import tensorboard
+        _on_root(world, tensorboard.check_available, None)              # collective
     if not world.is_root:
         return
-    trainer.extend(extensions.LogReport(trigger=report_trigger))
-    net = evaluator.get_target('main')
+    log_report = extensions.LogReport(trigger=report_trigger)
+    trainer.extend(log_report)
+    for extension, name in IterationTimer(config.batchsize * world.size,
+                                          report_trigger).extensions():
+        trainer.extend(extension, name=name)
+    if config.tensorboard:
+        trainer.extend(tensorboard.TensorBoardReport(
+            log_report, os.path.join(config.out, TENSORBOARD_DIR), net.head_names))
     with_acc = [name for name, ok in zip(net.head_names, net.has_logits) if ok]
     trainer.extend(extensions.PrintReport(
         ['epoch', 'iteration', 'main/loss', 'validation/main/loss']
