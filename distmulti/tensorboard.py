@@ -18,7 +18,7 @@ TRAIN_RUN, VALIDATION_RUN = 'train', 'validation'
 _PREFIXES = (('validation/main/', VALIDATION_RUN), ('main/', TRAIN_RUN))
 #: Log keys of the whole network, renamed so that they join the per-head sections.
 _RENAMED = {'loss': 'loss/total', 'accuracy_all': 'accuracy/all_heads',
-            'samples': 'samples/evaluated'}
+            'samples': 'samples/evaluated', 'accuracy_all_samples': 'samples/accuracy_all'}
 _OTHER = {'epoch': 'progress/epoch', 'elapsed_time': 'time/elapsed_s'}
 
 

@@ -55,7 +55,8 @@ def test_every_number_of_the_log_is_a_scalar_tagged_metric_first(tmp_path):
 
     heads = [f'{metric}/head{i}' for metric in ('loss', 'accuracy') for i in range(3)]
     assert set(runs['validation']) == set(heads) | {'loss/total', 'accuracy/all_heads',
-                                                    'samples/evaluated'}
+                                                    'samples/evaluated',
+                                                    'samples/accuracy_all'}
     assert set(runs['train']) == set(heads) | {
         'loss/total', 'accuracy/all_heads', 'time/iteration_s', 'time/samples_per_s',
         'time/elapsed_s', 'progress/epoch', 'user/iteration_squared'}

@@ -15,6 +15,7 @@ HEADS = ['head0', 'left', 'loss']
     ('main/loss/loss', ('train', 'loss/loss')),  # a head named "loss"
     ('validation/main/accuracy_all', ('validation', 'accuracy/all_heads')),
     ('validation/main/samples', ('validation', 'samples/evaluated')),
+    ('validation/main/accuracy_all_samples', ('validation', 'samples/accuracy_all')),
     ('lr/base', ('train', 'lr/base')),
     ('lr/head0', ('train', 'lr/head0')),
     ('time/samples_per_s', ('train', 'time/samples_per_s')),
