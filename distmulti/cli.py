@@ -111,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                'run must have had')
     st.set_defaults(func=run_status)
 
+    ex = sub.add_parser('export', help='write a run\'s trained network as ONNX',
+                        description='Writes RUN/model.npz as one ONNX graph (opset 13): input '
+                                    'x with a dynamic batch size, one output of logits per '
+                                    'head, named as the head; loss-only heads are left out. '
+                                    'Needs the onnx extra.')
+    ex.add_argument('run', metavar='RUN', help='the --out folder of a completed training')
+    ex.add_argument('--onnx', required=True, metavar='FILE', help='the .onnx file to write')
+    ex.add_argument('--model-file', help='parameters to use (default RUN/model.npz)')
+    ex.set_defaults(func=run_export)
+
     la = sub.add_parser('launch', help='run `distmulti train` on N ranks through mpiexec',
                         description='Builds and runs the mpiexec command for N ranks. '
                                     'Arguments after -- go to `distmulti train` (the word '
@@ -237,6 +247,24 @@ def run_status(args: argparse.Namespace) -> int:
     print(f'distmulti: {state.message}', file=sys.stdout if state.completed else sys.stderr,
           flush=True)
     return EXIT_OK if state.completed else EXIT_FAILED
+
+def run_export(args: argparse.Namespace) -> int:
+    from distmulti import export, inference
+    config, net = inference.load_run(args.run)
+    sample = np.asarray(inference.run_data(config)[1][0][0])
+    inference.load_parameters(net, args.model_file or os.path.join(args.run, MODEL_FILE), sample)
+    model = export.export_onnx(net, sample[None], args.onnx)
+    graph = model.graph
+
+    def shape(value):
+        return '(' + ', '.join(d.dim_param or str(d.dim_value)
+                               for d in value.type.tensor_type.shape.dim) + ')'
+    outputs = ', '.join(f'{o.name} {shape(o)}' for o in graph.output)
+    left_out = [name for name, ok in zip(net.head_names, net.has_logits) if not ok]
+    print(f'wrote {args.onnx}: ONNX opset {export.OPSET}, input {graph.input[0].name} '
+          f'{shape(graph.input[0])}; outputs (logits) {outputs}'
+          + (f'; loss-only heads left out: {", ".join(left_out)}' if left_out else ''))
+    return 0
 
 
 def run_launch(args: argparse.Namespace) -> int:

@@ -138,6 +138,11 @@ class TrainConfig:
     progress: bool = option(True, 'progress bar', resume_free=True)
     plot: bool = option(True, 'PNG plots of the log', resume_free=True)
 
+    # -- ecosystem: TensorBoard
+    tensorboard: bool = option(False, 'write every number of the log as TensorBoard scalars '
+                                      'under OUT/tensorboard/ (rank 0; needs the tensorboard '
+                                      'extra)', resume_free=True)
+
     # -- construction -------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = 'config') -> 'TrainConfig':
@@ -309,6 +314,8 @@ class TrainConfig:
         for flag in ('progress', 'plot'):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f'{flag} must be true or false, got {getattr(self, flag)!r}')
+        if not isinstance(self.tensorboard, bool):
+            raise ConfigError(f'tensorboard must be true or false, got {self.tensorboard!r}')
         return self
 
 

@@ -42,3 +42,7 @@ class DeviceError(DistmultiError, RuntimeError):
 
 class NonFiniteLossError(DistmultiError, FloatingPointError):
     """A head's loss became NaN or infinite; training stopped before the update."""
+
+
+class ExportError(DistmultiError, ValueError):
+    """The network cannot be written as ONNX (or the onnx package is missing)."""

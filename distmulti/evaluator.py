@@ -20,7 +20,9 @@ from distmulti.metrics import Layout, batch_stats, summarize
 
 class MultiHeadEvaluator(extensions.Evaluator):
     """Reports ``{name}/main/loss``, ``{name}/main/<head>/{loss,accuracy}`` and
-    ``{name}/main/accuracy_all`` for a ``MultiHeadNet``."""
+    ``{name}/main/accuracy_all`` for a ``MultiHeadNet``, and the counts ``{name}/main/samples``
+    (samples evaluated) and ``{name}/main/accuracy_all_samples`` (those with a label for at
+    least one logits head: the ones ``accuracy_all`` is over)."""
 
     def __init__(self, iterator, net, loss_weights=None, converter=convert.concat_examples,
                  device=None, comm=None, name='validation'):
@@ -37,14 +39,19 @@ class MultiHeadEvaluator(extensions.Evaluator):
             it = iterator
         else:
             it = copy.copy(iterator)
-        totals = np.zeros(Layout(net.n_heads).size)
+        # The per-head sums of metrics.Layout, then the number of samples evaluated.
+        totals = np.zeros(Layout(net.n_heads).size + 1)
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             for batch in it:
                 x, t = self.converter(batch, self.device)
-                totals += batch_stats(net.head_outputs(x, t), t)
+                totals[:-1] += batch_stats(net.head_outputs(x, t), t)
+                totals[-1] += len(batch)
                 watchdog.beat()  # progress, for the hang watchdog if one runs
         # The one collective of an evaluation: every rank reaches it once, whatever its shard.
         totals = self.comm.allreduce_sum(totals)
-        result = summarize(totals, self.loss_weights, f'{self.name}/main/', net.head_names)
-        result[f'{self.name}/main/samples'] = float(totals[-1])
+        prefix = f'{self.name}/main/'
+        result = summarize(totals[:-1], self.loss_weights, prefix, net.head_names)
+        result[f'{prefix}samples'] = float(totals[-1])
+        # accuracy_all is over the samples with a label for at least one logits head.
+        result[f'{prefix}accuracy_all_samples'] = float(totals[-2])
         return result

@@ -38,8 +38,9 @@ def load_run(run_dir: str) -> Tuple[TrainConfig, MultiHeadNet]:
     config = TrainConfig.from_mapping(result['config'], source=result_path)
     network = result.get('network', 'default')
     if network == 'python':
-        raise ConfigError(f'{run_dir!r} was trained with a network built in Python; evaluate '
-                          f'it from Python with distmulti.inference.evaluate_model(net, data)')
+        raise ConfigError(f'{run_dir!r} was trained with a network built in Python; use it '
+                          f'from Python: distmulti.inference.evaluate_model(net, data), '
+                          f'distmulti.export_onnx(net, sample_x, path)')
     if config.model:
         from distmulti.training import load_model
         net = load_model(config.model)

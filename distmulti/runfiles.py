@@ -18,6 +18,8 @@ HEARTBEAT_FILE = '.distmulti-heartbeat'
 LOCK_FILE = '.distmulti-lock'
 #: ``checkpoint_iter_N.npz`` and its manifest ``checkpoint_iter_N.json``.
 CHECKPOINT_PREFIX = 'checkpoint_iter_'
+#: Folder of the TensorBoard event files (``--tensorboard``): runs ``train`` and ``validation``.
+TENSORBOARD_DIR = 'tensorboard'
 #: Prefix of the temporary files that atomic writes rename into place.
 TMP_PREFIX = '.tmp-'
 

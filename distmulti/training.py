@@ -22,8 +22,8 @@ from chainer import training
 from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
-from distmulti import checkpoint, errors, outdir, stopping
-from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE
+from distmulti import checkpoint, errors, outdir, stopping, user_extensions
+from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE, TENSORBOARD_DIR
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
 from distmulti import watchdog as watchdog_module
@@ -37,6 +37,7 @@ from distmulti.errors import (CheckpointError, ConfigError, DataError, Distmulti
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
+from distmulti.timing import IterationTimer
 from distmulti.updater import MultiHeadUpdater
 
 EVAL_BATCHSIZE = 500
@@ -50,7 +51,8 @@ def _stderr_log(msg: str) -> None:
 
 def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None, heads=None,
           optimizers=None, train_data=None, test_data=None, comm=None,
-          log: Callable[[str], None] = None, handle_signals: bool = True) -> Dict[str, Any]:
+          log: Callable[[str], None] = None, handle_signals: bool = True,
+          extensions=None) -> Dict[str, Any]:
     """Trains a multi-head network and returns the final result dictionary.
 
     Every rank calls this with the same arguments; collective steps are marked below.
@@ -71,12 +73,17 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
         handle_signals: when called from the main thread, SIGTERM, SIGINT, SIGHUP and
             SIGUSR1 stop the training at a checkpoint (``TrainingStopped`` is raised, on every
             rank); see ``distmulti.stopping``.
+        extensions: your own Chainer extensions, added after distmulti's: each an extension,
+            an ``(extension, trigger)`` pair or a dict of ``Trainer.extend`` arguments (plus
+            ``root_only``); they run on every rank unless ``root_only`` (see
+            ``distmulti.user_extensions``).
 
     Raises:
         TrainingStopped: a stop signal arrived; the checkpoint it wrote continues the run
             with ``--resume auto``.
     """
     log = log or _stderr_log
+    extra_extensions = user_extensions.normalize(extensions)
     network = 'python' if (net is not None or base is not None or heads is not None) else (
         config.model or 'default')
     if net is None and base is None and heads is None:
@@ -113,7 +120,7 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             if watchdog is not None:
                 watchdog.heartbeat_path = os.path.join(config.out, HEARTBEAT_FILE)
         result = _train(config, net, world, run_id, network, optimizers, train_data,
-                        test_data, log)
+                        test_data, log, extra_extensions)
         if watchdog is not None:
             watchdog.close()                                            # collective
         return result
@@ -129,12 +136,13 @@ def _claim_output(config: TrainConfig, run_id: str, log) -> outdir.OutputLock:
 
 
 def _train(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: str,
-           optimizers, train_data, test_data, log) -> Dict[str, Any]:
+           optimizers, train_data, test_data, log, extra_extensions) -> Dict[str, Any]:
     with watchdog_busy('setting up'):
         # Local work and start-up collectives: a rank that stops or dies here is still seen
         # by the watchdog (its heartbeats stop); a slow set-up does not count as a hang.
         trainer, updater, evaluator, checkpointer, lineage = _set_up(
-            config, net, world, run_id, optimizers, train_data, test_data, log)
+            config, net, world, run_id, optimizers, train_data, test_data, log,
+            extra_extensions)
     start = time.perf_counter()
     trainer.run(show_loop_exception_msg=False)
     return _finish(config, net, world, run_id, network, trainer, updater, evaluator,
@@ -142,7 +150,7 @@ def _train(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: 
 
 
 def _set_up(config: TrainConfig, net: MultiHeadNet, world, run_id: str, optimizers,
-            train_data, test_data, log):
+            train_data, test_data, log, extra_extensions):
     """Data, device, optimizers, updater, trainer and extensions; resumes if asked."""
     root_log = log if world.is_root else (lambda msg: None)
     device = resolve_device(rank_device_spec(config.device, world))
@@ -192,6 +200,7 @@ def _set_up(config: TrainConfig, net: MultiHeadNet, world, run_id: str, optimize
                                    device=device, comm=world)
     checkpointer = _add_extensions(trainer, evaluator, config, len(train_data), world,
                                    watchdog_module.current(), run_id)
+    user_extensions.register(trainer, extra_extensions, world.is_root)
 
     lineage = run_id
     if config.resume:
@@ -442,10 +451,20 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         {'config_hash': checkpoint.config_hash(config.to_dict()), 'config': config.to_dict(),
          'version': __version__, 'run_id': run_id})
     trainer.extend(checkpointer)
+    net = evaluator.get_target('main')
+    if config.tensorboard:
+        from distmulti import tensorboard
+        _on_root(world, tensorboard.check_available, None)              # collective
     if not world.is_root:
         return checkpointer
-    trainer.extend(extensions.LogReport(trigger=report_trigger))
-    net = evaluator.get_target('main')
+    log_report = extensions.LogReport(trigger=report_trigger)
+    trainer.extend(log_report)
+    for extension, name in IterationTimer(config.batchsize * world.size,
+                                          report_trigger).extensions():
+        trainer.extend(extension, name=name)
+    if config.tensorboard:
+        trainer.extend(tensorboard.TensorBoardReport(
+            log_report, os.path.join(config.out, TENSORBOARD_DIR), net.head_names))
     with_acc = [name for name, ok in zip(net.head_names, net.has_logits) if ok]
     trainer.extend(extensions.PrintReport(
         ['epoch', 'iteration', 'main/loss', 'validation/main/loss']

@@ -33,8 +33,10 @@ Environment: DISTMULTI  the distmulti command (default: this repository's .venv/
                         if it exists, else distmulti on PATH)
              MPIEXEC    the mpiexec to use (default: the one distmulti finds: beside its
                         Python, else on PATH)
-Exit status: mpiexec's. Open MPI can exit 0 after losing a host: success also needs
-OUT/result.json (written last by rank 0).
+Exit status: distmulti launch's: 0 only when the run completed (this run wrote OUT/result.json,
+last, on rank 0); else mpiexec's non-zero status, or 1 when mpiexec exited 0 without
+result.json (Open MPI can, after losing a host); 2 for bad arguments (docs/operators.md,
+"Exit codes").
 
 Example: launch/hostfile.sh --iface 10.0.0.0/24 hosts -- --epoch 8 --out /shared/runs/a
 USAGE

@@ -18,7 +18,9 @@ Runs `distmulti train TRAIN_ARGS` on N ranks of this machine through mpiexec.
 
 Environment: DISTMULTI  the distmulti command (default: this repository's .venv/bin/distmulti
                         if it exists, else distmulti on PATH)
-Exit status: mpiexec's. Success also means OUT/result.json exists (written last by rank 0).
+Exit status: distmulti launch's: 0 only when the run completed (this run wrote OUT/result.json,
+last, on rank 0); else mpiexec's non-zero status, or 1 when mpiexec exited 0 without
+result.json; 2 for bad arguments (docs/operators.md, "Exit codes").
 
 Example: launch/mpiexec.sh -n 2 -- --epoch 1 --out runs/two
 USAGE

@@ -63,6 +63,23 @@ def test_only_rank_0_writes_logs_results_and_checkpoints(tmp_path):
     assert not (b / 'run').exists() or os.listdir(b / 'run') == []
 
 
+def test_only_rank_0_writes_tensorboard_events(tmp_path):
+    pytest.importorskip('tensorboardX', reason='the tensorboard extra is not installed '
+                                               '(pip install ".[tensorboard]")')
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    a.mkdir()
+    b.mkdir()
+    args = ['--out', 'run', '--iterations', 10, '--eval-interval', 5, '--tensorboard',
+            '--no-plot'] + QUICK
+    code, out, _ = run(mpiexec('-n', 1, '--wdir', a, *train_cmd(*args), ':',
+                               '-n', 1, '--wdir', b, *train_cmd(*args)), timeout=300)
+    assert code == 0, out[-4000:]
+    for split in ('train', 'validation'):
+        events = os.listdir(a / 'run' / 'tensorboard' / split)
+        assert len(events) == 1 and events[0].startswith('events.out.tfevents.'), events
+    assert not (b / 'run').exists() or os.listdir(b / 'run') == []
+
+
 @pytest.mark.parametrize('runner', [[], ['-m', 'mpi4py']], ids=['plain', 'mpi4py'])
 def test_one_rank_raising_mid_training_ends_the_job_nonzero(tmp_path, runner):
     code, out, elapsed = run(mpiexec('-n', 2, PYTHON, *runner, SCRIPT, tmp_path), timeout=120)

@@ -42,3 +42,37 @@ def test_metrics_are_exact_with_an_uneven_last_batch(batchsize):
     assert result['validation/main/samples'] == 50
     # Evaluating twice gives the same numbers (the iterator is reset).
     assert MultiHeadEvaluator(it, net, loss_weights=[1.0, 2.0]).evaluate() == result
+
+
+class MeanFeature(chainer.Chain):
+    """A loss-only head: the mean of its features over the labelled samples."""
+
+    def forward(self, h, t):
+        keep = chainer.backend.get_array_module(t).asarray(t != -1)
+        return F.sum(F.mean(h, axis=1) * keep) / max(int(keep.sum()), 1)
+
+
+@pytest.mark.parametrize('batchsize', [3, 20])
+def test_samples_counts_every_sample_evaluated_even_without_logits_heads(batchsize):
+    from distmulti import LossHead, MultiHeadNet
+    base = small_net(1).base
+    net = MultiHeadNet(base, [LossHead(MeanFeature()), LossHead(MeanFeature())])
+    x, y = small_batch(1, 20)
+    t = np.stack([y[:, 0], y[:, 0]], axis=1)
+    t[:5, 0] = -1
+    it = SerialIterator(TupleDataset(x[:, :, :, :8], t), batchsize, repeat=False, shuffle=False)
+    result = MultiHeadEvaluator(it, net).evaluate()
+    assert result['validation/main/samples'] == 20
+    assert result['validation/main/accuracy_all_samples'] == 0  # no logits head at all
+    assert 'validation/main/accuracy_all' not in result
+
+
+def test_accuracy_all_samples_counts_those_with_a_labelled_logits_head():
+    net = small_net(2)
+    x, y = small_batch(2, 30)
+    y[:4] = -1          # no label at all: evaluated, but not in accuracy_all
+    y[4:10, 0] = -1     # one label left: still in accuracy_all
+    it = SerialIterator(TupleDataset(x, y), 7, repeat=False, shuffle=False)
+    result = MultiHeadEvaluator(it, net).evaluate()
+    assert result['validation/main/samples'] == 30
+    assert result['validation/main/accuracy_all_samples'] == 26

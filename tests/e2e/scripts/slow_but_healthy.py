@@ -1,5 +1,7 @@
-"""Trains with a watchdog of 1 s while iterations take 0.5 s and one evaluation takes ~3 s
-(0.3 s per batch, 10 batches): the watchdog must not fire. Exits 0 on success."""
+"""Trains with a watchdog of 1 s while iterations take 0.5 s and each evaluation takes ~3 s
+in 10 batches of one sample (0.3 s each): the watchdog must not fire, which it only does not
+because the evaluator beats after every batch. Exits 0 on success, 1 if an evaluation ran in
+fewer batches (then the test would prove nothing)."""
 import sys
 import time
 
@@ -9,18 +11,27 @@ import chainer
 import distmulti.training
 from distmulti import BaseCNN, MLPHead, MultiHeadNet, TrainConfig, train
 
-# One test sample per evaluation batch, so an evaluation is 10 heartbeats of 0.3 s each.
+# The evaluation batch is max(batchsize, EVAL_BATCHSIZE): with both 1, an evaluation of the
+# 10 test samples is 10 batches, 10 heartbeats 0.3 s apart, 3 s in all.
 distmulti.training.EVAL_BATCHSIZE = 1
+BATCHES = []  # the size of every test-mode batch the slow head saw
 
 
 class Slow(MLPHead):
     def forward(self, h):
+        if not chainer.config.train:
+            BATCHES.append(len(h))
         time.sleep(0.5 if chainer.config.train else 0.3)
         return super().forward(h)
 
 
 net = MultiHeadNet(BaseCNN(4, 16), [MLPHead(10, 8), Slow(10, 8)])
-config = TrainConfig(out=sys.argv[1], iterations=4, batchsize=10, train_size=40, test_size=10,
+config = TrainConfig(out=sys.argv[1], iterations=4, batchsize=1, train_size=40, test_size=10,
                      progress=False, plot=False, eval_interval=2, checkpoint_interval=1,
                      hang_timeout=1.0)
 train(config, net=net)
+# Evaluations at iterations 2 and 4 and the final one (plus the one-sample initialisation).
+if len(BATCHES) < 3 * 10 or set(BATCHES) != {1}:
+    print(f'slow_but_healthy: the evaluations ran in batches {BATCHES}, expected 10 batches of '
+          f'one sample each', file=sys.stderr)
+    sys.exit(1)
