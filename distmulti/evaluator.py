@@ -40,7 +40,7 @@ class MultiHeadEvaluator(extensions.Evaluator):
         totals = np.zeros(Layout(net.n_heads).size)
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             for batch in it:
-                x, t = self.converter(batch, self.device)
+                x, t = convert._call_converter(self.converter, batch, self.device)
                 totals += batch_stats(net.head_outputs(x, t), t)
                 if self.heartbeat is not None:
                     self.heartbeat()
