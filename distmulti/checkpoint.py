@@ -21,6 +21,7 @@ import numpy as np
 import chainer
 from chainer.serializers import DictionarySerializer, NpzDeserializer
 
+from distmulti import devices
 from distmulti.errors import CheckpointError
 from distmulti.runfiles import CHECKPOINT_PREFIX, TMP_PREFIX
 
@@ -206,9 +207,10 @@ def newest_valid_checkpoint(out: str, log):
 class Checkpointer(chainer.training.Extension):
     """Trainer extension: a checkpoint every ``interval`` iterations and at the last one.
 
-    Collective: every rank's numpy random state is gathered, then rank 0 writes the whole
-    trainer (parameters, every optimizer's state, iteration and epoch, stop trigger, the
-    extensions' state, the random states) with a manifest. On resume each rank gets its own
+    Collective: every rank's numpy random state (and the seed its GPU generator goes on from,
+    see distmulti.devices) is gathered, then rank 0 writes the whole trainer (parameters,
+    every optimizer's state, iteration and epoch, stop trigger, the extensions' state, the
+    random states) with a manifest. On resume each rank gets its own
     random state back when the world size is unchanged.
     """
 
@@ -223,6 +225,7 @@ class Checkpointer(chainer.training.Extension):
         self.manifest = manifest
         self.pause = pause or contextlib.nullcontext
         self._rng_states = None
+        self._gpu_seeds = None
 
     def __call__(self, trainer):
         updater = trainer.updater
@@ -230,9 +233,12 @@ class Checkpointer(chainer.training.Extension):
             self.write(trainer)
 
     def write(self, trainer) -> None:
-        states = self.world.allgather_obj(np.random.get_state())
+        gathered = self.world.allgather_obj((np.random.get_state(),
+                                             devices.checkpoint_gpu_seed()))
         if not self.world.is_root:
             return
+        states = [state for state, _ in gathered]
+        self._gpu_seeds = [gpu_seed for _, gpu_seed in gathered]
         self._rng_states = states
         try:
             with self.pause():
@@ -240,13 +246,16 @@ class Checkpointer(chainer.training.Extension):
                                  dict(self.manifest, world_size=self.world.size,
                                       epoch_detail=trainer.updater.epoch_detail), self.keep)
         finally:
-            self._rng_states = None
+            self._rng_states = self._gpu_seeds = None
 
     def serialize(self, serializer):
         if isinstance(serializer, chainer.serializer.Serializer):
             for rank, (_, keys, pos, has_gauss, cached) in enumerate(self._rng_states or ()):
                 serializer(f'rng/{rank}/keys', np.asarray(keys, dtype=np.uint32))
                 serializer(f'rng/{rank}/state', np.array([pos, has_gauss, cached], np.float64))
+            for rank, gpu_seed in enumerate(self._gpu_seeds or ()):
+                if gpu_seed is not None:  # the rank's CuPy generator (distmulti.devices)
+                    serializer(f'rng/{rank}/gpu_seed', np.asarray(gpu_seed, np.int64))
             return
         try:
             keys = serializer(f'rng/{self.world.rank}/keys', None)
@@ -255,3 +264,7 @@ class Checkpointer(chainer.training.Extension):
             return
         np.random.set_state(('MT19937', np.asarray(keys, dtype=np.uint32), int(state[0]),
                              int(state[1]), float(state[2])))
+        try:
+            devices.restore_gpu_seed(int(serializer(f'rng/{self.world.rank}/gpu_seed', None)))
+        except KeyError:  # written on the CPU, or before GPU generators were checkpointed
+            pass

@@ -138,10 +138,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
-    from distmulti import inference
-    from distmulti.comm import resolve_device
+    from distmulti import devices, inference
     from distmulti.config import normalize_device
-    device = resolve_device(normalize_device(args.device))
+    device = devices.select(normalize_device(args.device))  # current before any CUDA work
     config, net = inference.load_run(args.run)
     if args.dataset:
         from distmulti.datasets import load_dataset
@@ -177,10 +176,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     import csv
-    from distmulti import inference
-    from distmulti.comm import resolve_device
+    from distmulti import devices, inference
     from distmulti.config import normalize_device
-    device = resolve_device(normalize_device(args.device))
+    device = devices.select(normalize_device(args.device))  # current before any CUDA work
     config, net = inference.load_run(args.run)
     sample = inference.run_data(config)[1][0][0]
     inference.load_parameters(net, args.model_file or os.path.join(args.run, MODEL_FILE),

@@ -133,6 +133,11 @@ class TrainConfig:
     progress: bool = option(True, 'progress bar', resume_free=True)
     plot: bool = option(True, 'PNG plots of the log', resume_free=True)
 
+    # -- GPUs
+    cuda_aware_mpi: bool = option(False, 'the MPI is CUDA-aware (takes GPU memory): allows the '
+                                         'naive and flat communicators on GPUs',
+                                  resume_free=True)
+
     # -- construction -------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = 'config') -> 'TrainConfig':
@@ -296,6 +301,12 @@ class TrainConfig:
         for flag in ('progress', 'plot'):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f'{flag} must be true or false, got {getattr(self, flag)!r}')
+        if not isinstance(self.cuda_aware_mpi, bool):
+            raise ConfigError(f'cuda_aware_mpi must be true or false, got '
+                              f'{self.cuda_aware_mpi!r}')
+        if self.device.startswith('@cupy'):
+            from distmulti.comm import choose_communicator
+            choose_communicator(self.communicator, True, self.cuda_aware_mpi)
         return self
 
 

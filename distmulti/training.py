@@ -19,15 +19,15 @@ from chainer import training
 from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
-from distmulti import checkpoint, errors
+from distmulti import checkpoint, devices, errors
 from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE
 from distmulti._version import __version__
-from distmulti.comm import create_world, rank_device_spec, resolve_device
+from distmulti.comm import choose_communicator, create_world
 from distmulti.watchdog import Watchdog
 from distmulti.config import TrainConfig
 from distmulti.data import ShuffledIterator, check_label_shape, check_labels, digit_strips
 from distmulti.datasets import labels_array, load_dataset, split_dataset
-from distmulti.errors import CheckpointError, ConfigError, DataError, DistmultiError
+from distmulti.errors import CheckpointError, ConfigError, DataError, DeviceError, DistmultiError
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
@@ -74,11 +74,16 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
         net = MultiHeadNet(base, heads)
     config = dataclasses.replace(config, heads=net.n_heads).validate(net.head_names)
     on_gpu = config.device.startswith('@cupy')
-    world = comm or create_world(config.communicator, on_gpu=on_gpu, log=log)
+    # The rank's GPU becomes current before anything touches CUDA (NCCL's communicator,
+    # parameters, random generators, metrics): its rank on the node comes from MPI alone.
+    layout = (comm.size, comm.intra_rank) if comm is not None else devices.node_layout()[:2]
+    device = devices.select(config.device, *layout)                     # collective (layout)
+    world = comm or create_world(config.communicator, on_gpu=on_gpu, log=log,
+                                 cuda_aware_mpi=config.cuda_aware_mpi)
     root_log = log if world.is_root else (lambda msg: None)
     _check_same_run(world, config)                                      # collective
-    device = resolve_device(rank_device_spec(config.device, world))
-    _seed_everything(config.seed, device)
+    _check_one_gpu_per_rank(world, device, config)                      # collective
+    devices.seed(config.seed, device, world.rank)
 
     train_data, test_data, sources = _on_root(
         world, lambda: _load_data(config, train_data, test_data), (None, None, []))  # collective
@@ -369,7 +374,15 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
                                                  trigger=report_trigger, filename=filename))
 
 
-def _seed_everything(seed: int, device) -> None:
-    np.random.seed(seed)
-    if device.xp is not np:
-        device.xp.random.seed(seed)
+def _check_one_gpu_per_rank(world, device, config: TrainConfig) -> None:
+    """NCCL refuses two ranks on one GPU ("Duplicate GPU detected" at the first collective):
+    say so, with the ranks, before it."""
+    if world.size == 1 or device.xp is np:
+        return
+    shared = devices.duplicate_gpus(world.allgather_obj(devices.gpu_identity(device)))
+    name = choose_communicator(config.communicator, True, config.cuda_aware_mpi)
+    if shared and name in ('pure_nccl', 'non_cuda_aware'):
+        gpu, ranks = next(iter(shared.items()))
+        raise DeviceError(f'ranks {", ".join(map(str, ranks))} all use GPU {gpu}, but the '
+                          f'{name} communicator (NCCL) needs one GPU per rank; start at most '
+                          f'as many ranks per node as it has GPUs', collective=True)
