@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument('--device', '-d', default='@numpy', help='as for train (default CPU)')
     pr.set_defaults(func=run_predict)
 
+    dr = sub.add_parser('doctor', help='check this machine or image: versions, MPI, CUDA '
+                                       'libraries, GPUs, kernel compilation',
+                        description='Reports what training needs here and whether it works: '
+                                    'Python, numpy, chainer, CuPy and the compatibility '
+                                    'patches, the MPI library (CUDA-aware or not), each CUDA '
+                                    'library (file and version), the GPUs, and whether NVRTC '
+                                    'compiles CuPy kernels (no GPU needed for that). Exit '
+                                    'status 1 names the first thing to fix.')
+    dr.add_argument('--json', action='store_true', help='one JSON object instead of words')
+    dr.add_argument('--arch', action='append', metavar='sm_XY',
+                    help='compile the kernels for this GPU architecture (repeatable; default: '
+                         'every visible GPU\'s, else sm_80 and sm_90)')
+    dr.add_argument('--device', choices=('auto', 'cpu', 'gpu'), default='auto',
+                    help='what must work: cpu; gpu (a GPU must be visible); auto (default: the '
+                         'GPU stack when CuPy is installed, GPUs optional)')
+    dr.set_defaults(func=run_doctor)
+
     la = sub.add_parser('launch', help='run `distmulti train` on N ranks through mpiexec',
                         description='Builds and runs the mpiexec command for N ranks. '
                                     'Arguments after -- go to `distmulti train` (the word '
@@ -197,6 +214,11 @@ def run_predict(args: argparse.Namespace) -> int:
         if args.output:
             stream.close()
     return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from distmulti import doctor
+    return doctor.run(args.arch, args.device, args.json)
 
 
 def run_launch(args: argparse.Namespace) -> int:
