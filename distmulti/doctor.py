@@ -16,26 +16,31 @@ import platform
 import re
 import subprocess
 import sys
+import types
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 DEFAULT_ARCHES = ('sm_80', 'sm_90')
 MPI_TIMEOUT = 60
 
-# name, the CuPy module that loads the library, the library's file name stem, its version
-# query: ('property', symbol) for <lib>GetProperty(MAJOR|MINOR|PATCH, int*), ('int', symbol)
-# for f(int*) -> e.g. 22501, ('size_t', symbol) for size_t f(void), ('nvrtc', symbol).
+# name, the CuPy module that binds the library (package, name: taken as CuPy takes it, as an
+# attribute of the package, so that CuPy 14 loads the library first through cuda-pathfinder),
+# the library's file name stem, and its version query: ('property', symbol) for
+# <lib>GetProperty(MAJOR|MINOR|PATCH, int*), ('int', symbol) for f(int*) -> e.g. 22501,
+# ('size_t', symbol) for size_t f(void), ('nvrtc', symbol) for f(int*, int*).
 CUDA_LIBRARIES = (
-    ('CUDA runtime', 'cupy_backends.cuda.api.runtime', 'libcudart', ('runtime', None)),
-    ('NVRTC', 'cupy_backends.cuda.libs.nvrtc', 'libnvrtc', ('nvrtc', 'nvrtcVersion')),
-    ('cuBLAS', 'cupy_backends.cuda.libs.cublas', 'libcublas', ('property', 'cublasGetProperty')),
-    ('cuRAND', 'cupy_backends.cuda.libs.curand', 'libcurand', ('property', 'curandGetProperty')),
-    ('cuSOLVER', 'cupy_backends.cuda.libs.cusolver', 'libcusolver',
+    ('CUDA runtime', ('cupy_backends.cuda.api', 'runtime'), 'libcudart', ('runtime', None)),
+    ('NVRTC', ('cupy_backends.cuda.libs', 'nvrtc'), 'libnvrtc', ('nvrtc', 'nvrtcVersion')),
+    ('cuBLAS', ('cupy_backends.cuda.libs', 'cublas'), 'libcublas',
+     ('property', 'cublasGetProperty')),
+    ('cuRAND', ('cupy_backends.cuda.libs', 'curand'), 'libcurand',
+     ('property', 'curandGetProperty')),
+    ('cuSOLVER', ('cupy_backends.cuda.libs', 'cusolver'), 'libcusolver',
      ('property', 'cusolverGetProperty')),
-    ('cuSPARSE', 'cupy_backends.cuda.libs.cusparse', 'libcusparse',
+    ('cuSPARSE', ('cupy_backends.cuda.libs', 'cusparse'), 'libcusparse',
      ('property', 'cusparseGetProperty')),
-    ('cuFFT', 'cupy.cuda.cufft', 'libcufft', ('property', 'cufftGetProperty')),
-    ('NCCL', 'cupy.cuda.nccl', 'libnccl', ('int', 'ncclGetVersion')),
-    ('cuDNN', 'cupy.cuda.cudnn', 'libcudnn', ('size_t', 'cudnnGetVersion')),
+    ('cuFFT', ('cupy.cuda', 'cufft'), 'libcufft', ('property', 'cufftGetProperty')),
+    ('NCCL', ('cupy.cuda', 'nccl'), 'libnccl', ('int', 'ncclGetVersion')),
+    ('cuDNN', ('cupy.cuda', 'cudnn'), 'libcudnn', ('size_t', 'cudnnGetVersion')),
 )
 # Training works without these: chainer then takes its own kernels (CHAINER_CUDNN=0).
 OPTIONAL_LIBRARIES = ('cuDNN',)
@@ -211,8 +216,11 @@ def cuda_libraries(cupy_major: int) -> Dict[str, Dict[str, Any]]:
             found[name] = {'path': None, 'version': None,
                            'note': 'CuPy 14 has no cuDNN binding; chainer uses its own kernels'}
             continue
+        package, attr = module
         try:
-            mod = importlib.import_module(module)
+            mod = getattr(importlib.import_module(package), attr, None)
+            if not isinstance(mod, types.ModuleType):
+                mod = importlib.import_module(f'{package}.{attr}')
             if getattr(mod, 'available', True) is False:
                 raise ImportError(f'CuPy could not load {stem}')
         except Exception as e:
@@ -259,9 +267,15 @@ def compile_kernels(arch: str) -> Any:
         from cupy._core import core
         from cupy.cuda import compiler
         from cupy_backends.cuda.libs import nvrtc
-        header = ''.join(f'#include <{name}>\n' for name in core._cupy_header_list)
-        options = tuple(core.assemble_cupy_compiler_options(())) + tuple(
-            compiler._get_extra_include_dir_opts()) + (
+        names = list(core._cupy_header_list)
+        # CuPy 14 keeps float16 in its own header, which it adds to kernels that use it.
+        if os.path.isfile(os.path.join(core._get_header_dir_path(), 'cupy', 'float16.cuh')):
+            names.append('cupy/float16.cuh')
+        header = ''.join(f'#include <{name}>\n' for name in names)
+        # CuPy 13 adds the CUDA runtime wheel's headers in the compiler module; CuPy 14's
+        # assemble_cupy_compiler_options finds them itself (cuda-pathfinder).
+        wheel_headers = getattr(compiler, '_get_extra_include_dir_opts', lambda: ())
+        options = tuple(core.assemble_cupy_compiler_options(())) + tuple(wheel_headers()) + (
             f'-arch={arch}', '--device-as-default-execution-space')
         for source in (ELEMENTWISE_KERNEL, REDUCTION_KERNEL):
             program = nvrtc.createProgram(header + source, 'distmulti_doctor.cu', (), ())
