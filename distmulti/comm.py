@@ -22,6 +22,8 @@ GPU_COMMUNICATORS = ('pure_nccl', 'flat', 'non_cuda_aware')
 # only a CUDA-aware MPI accepts; pure_nccl and non_cuda_aware move GPU data with NCCL and,
 # across nodes, through host memory.
 NEEDS_CUDA_AWARE_MPI = ('naive', 'flat')
+# These start NCCL communicators, which take one GPU per rank.
+NCCL_COMMUNICATORS = ('pure_nccl', 'non_cuda_aware')
 # Set by the launchers of Open MPI, MPICH/Hydra, PMIx (srun --mpi=pmix) and PMI-2 (srun).
 MPI_ENV_VARS = ('OMPI_COMM_WORLD_SIZE', 'PMIX_RANK', 'PMI_SIZE', 'PMI_RANK', 'MPI_LOCALNRANKS')
 

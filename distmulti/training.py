@@ -22,7 +22,7 @@ from chainer.training import extensions
 from distmulti import checkpoint, devices, errors
 from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE
 from distmulti._version import __version__
-from distmulti.comm import choose_communicator, create_world
+from distmulti.comm import NCCL_COMMUNICATORS, choose_communicator, create_world
 from distmulti.watchdog import Watchdog
 from distmulti.config import TrainConfig
 from distmulti.data import ShuffledIterator, check_label_shape, check_labels, digit_strips
@@ -381,7 +381,7 @@ def _check_one_gpu_per_rank(world, device, config: TrainConfig) -> None:
         return
     shared = devices.duplicate_gpus(world.allgather_obj(devices.gpu_identity(device)))
     name = choose_communicator(config.communicator, True, config.cuda_aware_mpi)
-    if shared and name in ('pure_nccl', 'non_cuda_aware'):
+    if shared and name in NCCL_COMMUNICATORS:
         gpu, ranks = next(iter(shared.items()))
         raise DeviceError(f'ranks {", ".join(map(str, ranks))} all use GPU {gpu}, but the '
                           f'{name} communicator (NCCL) needs one GPU per rank; start at most '
