@@ -1,5 +1,6 @@
 """Lets chainer 7.8.1 import and train on today's stack: numpy 2, Python 3.12, setuptools 74
-and newer (or none), CuPy 14 (which has no cuDNN).
+and newer (or none), CuPy 14 (which has no cuDNN), CuPy 13 with its CUDA libraries as PyPI
+wheels (which it does not find by itself) and without a cuDNN library.
 
 ``distmulti/__init__.py`` calls :func:`apply` before anything imports chainer (a script
 that imports chainer first fails on numpy 2). Every patch first checks that its breakage is
@@ -156,7 +157,7 @@ def _cuda_libraries_from_wheels() -> None:
     # so no path has to be set. A library this process can already load by soname (a system
     # CUDA toolkit on the library path) is left to that; CuPy 14 finds the wheels itself
     # (cuda-pathfinder) and is left alone.
-    if 'cupy' in sys.modules or not sys.platform.startswith('linux'):
+    if not sys.platform.startswith('linux'):
         return
     version = cupy_version()
     if version is None or not version.startswith('13.'):
