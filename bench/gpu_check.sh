@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # The prepared GPU check: on one machine with a CUDA GPU, Python 3.12, numpy 2, CuPy 14 and
 # PyTorch, and no package index, it
-#   1. stops at once (exit 2) when no GPU is usable through CuPy, or wheels/ is missing;
+#   1. stops at once (exit 2) when wheels/ is missing;
 #   2. installs the wheels carried in wheels/ (made here by `sh bench/build_wheels.sh`) into
 #      a folder of its own, only those the machine lacks (never numpy, CuPy or torch);
-#   3. runs the GPU tests (pytest -m gpu) and the compatibility tests against the real CuPy;
-#   4. trains the default 3-head network on GPU 0 (`distmulti train --device @cupy:0`);
-#   5. times one iteration of the same network in distmulti and in plain PyTorch
+#   3. preflight: CuPy allocates and reduces on GPU 0, its generator repeats after a seed,
+#      chainer sees CUDA, NCCL answers; the first that fails stops everything (exit 2) with
+#      a one-line reason;
+#   4. runs `distmulti doctor --device gpu`, the GPU tests (pytest -m gpu) and the
+#      compatibility tests against the real CuPy;
+#   5. trains the default 3-head network on GPU 0 (`distmulti train --device @cupy:0`);
+#   6. times one iteration of the same network in distmulti and in plain PyTorch
 #      (bench/gpu_vs_torch.py, batch 64 and 1024),
-# each step under a timeout, then prints which steps passed and, last, the timing table.
+# each step under a timeout (together at most 8 minutes: 45 + 45 + 30 + 90 + 90 + 90 + 75
+# seconds), then prints which steps passed and, last, the timing table.
 # Usage, from the repository root: bash bench/gpu_check.sh
 #   PYTHON=python3.12  the interpreter to use (default python3)
 #   OUT=DIR            where the logs and the training run go (default: a temporary folder);
@@ -28,25 +33,6 @@ if ! ls wheels/chainer-7.8.1-*.whl wheels/distmulti-*.whl >/dev/null 2>&1; then
         "there is a package index, and carry wheels/ along" >&2
     exit 2
 fi
-if [ "$DEVICE" = cuda ]; then
-    if ! timeout 120 "$PY" - <<'EOF'
-import sys
-try:
-    import cupy
-    n = cupy.cuda.runtime.getDeviceCount()
-except Exception as e:  # not installed, no driver, no device
-    sys.exit(f'gpu_check: no CUDA GPU usable through CuPy here ({type(e).__name__}: {e}); '
-             'nothing was run (DEVICE=cpu rehearses the steps on the CPU)')
-if n < 1:
-    sys.exit('gpu_check: CuPy sees no CUDA GPU here; nothing was run')
-name = cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()
-print(f'gpu_check: {n} GPU(s), GPU 0: {name}')
-EOF
-    then
-        exit 2
-    fi
-fi
-
 WORK=${OUT:-$(mktemp -d)}/gpu_check
 SITE=$(mktemp -d)/site  # not under OUT: only the logs and the training run come back
 mkdir -p "$WORK"
@@ -66,36 +52,71 @@ missing sklearn && wheels+=(wheels/scikit_learn-*.whl)  # only its digits file i
 say "installing into $SITE: ${wheels[*]}"
 rm -rf "$SITE"
 if "$PY" -m pip --version >/dev/null 2>&1; then
-    timeout 180 "$PY" -m pip install --quiet --no-deps --no-index --ignore-requires-python \
+    timeout 45 "$PY" -m pip install --quiet --no-deps --no-index --ignore-requires-python \
         --disable-pip-version-check --target "$SITE" "${wheels[@]}"
 else
-    timeout 180 "$PY" -c 'import sys, zipfile
+    timeout 45 "$PY" -c 'import sys, zipfile
 for w in sys.argv[2:]:
     zipfile.ZipFile(w).extractall(sys.argv[1])' "$SITE" "${wheels[@]}"
 fi || { say "installing the wheels failed" >&2; exit 2; }
 
-timeout 300 "$PY" - <<'EOF' || { say "distmulti does not import; nothing else was run" >&2; exit 2; }
+# 3. Preflight, before anything long: each check stops the script with a one-line reason.
+export GPU_CHECK_DEVICE=$DEVICE
+timeout 45 "$PY" - <<'EOF' || exit 2
+import os
 import platform
-import distmulti
-import chainer
-import numpy
-from chainer.backends import cuda
-from importlib import metadata
+import sys
+
+
+def stop(reason):
+    sys.exit(f'gpu_check: preflight failed: {reason}; nothing else was run')
+
+
 try:
-    setuptools_version = metadata.version('setuptools')
-except metadata.PackageNotFoundError:
-    setuptools_version = 'not installed'
+    import distmulti
+    import chainer
+    import numpy
+    from chainer.backends import cuda
+except Exception as e:
+    stop(f'distmulti does not import ({type(e).__name__}: {e})')
+print(f'gpu_check: Python {platform.python_version()}, numpy {numpy.__version__}, chainer '
+      f'{chainer.__version__}, distmulti {distmulti.__version__} from {distmulti.__file__}; '
+      f'compatibility patches: {", ".join(distmulti._compat.APPLIED) or "none"}')
+if os.environ['GPU_CHECK_DEVICE'] != 'cuda':
+    sys.exit(0)
 try:
-    import torch
-    torch_version = f'{torch.__version__} (CUDA {torch.version.cuda})'
-except ImportError:
-    torch_version = 'not installed'
-cupy_version = cuda.cupy.__version__ if cuda.available else 'not available'
-print(f'gpu_check: Python {platform.python_version()}, numpy {numpy.__version__}, '
-      f'setuptools {setuptools_version}, CuPy {cupy_version}, cuDNN in chainer: '
-      f'{cuda.cudnn_enabled}, PyTorch {torch_version}, chainer {chainer.__version__}, '
-      f'distmulti {distmulti.__version__} from {distmulti.__file__}')
-print(f'gpu_check: compatibility patches applied: {", ".join(distmulti._compat.APPLIED)}')
+    import cupy
+    count = cupy.cuda.runtime.getDeviceCount()
+except Exception as e:  # not installed, no driver
+    stop(f'no CUDA GPU usable through CuPy ({type(e).__name__}: {e})')
+if count < 1:
+    stop('CuPy sees no CUDA GPU')
+try:
+    total = float(cupy.ones(1 << 20, dtype=cupy.float32).sum())
+except Exception as e:
+    stop(f'CuPy cannot allocate and reduce on GPU 0 ({type(e).__name__}: {e})')
+if total != float(1 << 20):
+    stop(f'CuPy summed 2**20 ones to {total}')
+try:
+    cupy.random.seed(0)
+    first = cupy.random.rand(8).get()
+    cupy.random.seed(0)
+    again = cupy.random.rand(8).get()
+except Exception as e:
+    stop(f"CuPy's random generator fails ({type(e).__name__}: {e})")
+if not (first == again).all():
+    stop("CuPy's random generator does not repeat after seeding")
+if not cuda.available:
+    stop('chainer does not see CUDA (chainer.backends.cuda.available is False)')
+try:
+    from cupy.cuda import nccl
+    nccl_version = nccl.get_version()
+except Exception as e:
+    stop(f'NCCL is not available to CuPy ({type(e).__name__}: {e})')
+name = cupy.cuda.runtime.getDeviceProperties(0)['name']
+name = name.decode() if isinstance(name, bytes) else name
+print(f'gpu_check: preflight ok: {count} GPU(s), GPU 0 {name}, CuPy {cupy.__version__}, '
+      f'NCCL {nccl_version}, cuDNN in chainer: {cuda.cudnn_enabled}')
 EOF
 
 SUMMARY=()
@@ -121,25 +142,29 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a timeout, output t
 
 if [ "$DEVICE" = cuda ]; then
     SPEC=@cupy:0
+    DOCTOR_DEVICE=gpu
     TRAIN=()
     BENCH=(--device cuda --batches '64,1024')
 else
     SPEC=@numpy
+    DOCTOR_DEVICE=cpu
     TRAIN=(--iterations 60 --train-size 960 --test-size 200)
     BENCH=(--device cpu --batches 64 --quick)
 fi
-# 3. GPU tests (skipped, with the reason, on the CPU), then the compatibility tests, which
+# 4. The doctor (on the CPU: that the CPU install is complete), the GPU tests (skipped, with
+# the reason, on the CPU), then the compatibility tests, which
 # check chainer against this machine's real CuPy. `-p distmulti` imports distmulti (and so
 # applies distmulti._compat) before test modules that import chainer first are collected.
-step gpu-tests 300 "$PY" -m pytest -p no:cacheprovider -p distmulti -q -rs -m gpu \
+step doctor 30 "$PY" -m distmulti doctor --device "$DOCTOR_DEVICE"
+step gpu-tests 90 "$PY" -m pytest -p no:cacheprovider -p distmulti -q -rs -m gpu \
     tests/unit/test_gpu.py
-step compat-tests 180 "$PY" -m pytest -p no:cacheprovider -q -rs tests/unit/test_compat.py
-# 4. The single-GPU fallback, from the installed wheel (run outside the tree).
-step train 300 env -C "$WORK" "$PY" -m distmulti train --device "$SPEC" "${TRAIN[@]}" \
+step compat-tests 90 "$PY" -m pytest -p no:cacheprovider -q -rs tests/unit/test_compat.py
+# 5. The single-GPU fallback, from the installed wheel (run outside the tree).
+step train 90 env -C "$WORK" "$PY" -m distmulti train --device "$SPEC" "${TRAIN[@]}" \
     --no-progress --no-plot --out "$WORK/train"
-# 5. distmulti against PyTorch.
+# 6. distmulti against PyTorch.
 if "$PY" -c 'import torch' 2>/dev/null; then
-    step timing 300 "$PY" bench/gpu_vs_torch.py "${BENCH[@]}"
+    step timing 75 "$PY" bench/gpu_vs_torch.py "${BENCH[@]}"
 else
     SUMMARY+=("FAILED  timing: PyTorch is not installed for $PY")
     FAILED=1

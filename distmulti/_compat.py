@@ -1,5 +1,6 @@
 """Lets chainer 7.8.1 import and train on today's stack: numpy 2, Python 3.12, setuptools 74
-and newer (or none), CuPy 14 (which has no cuDNN).
+and newer (or none), CuPy 14 (which has no cuDNN), CuPy 13 with its CUDA libraries as PyPI
+wheels (which it does not find by itself) and without a cuDNN library.
 
 ``distmulti/__init__.py`` calls :func:`apply` before anything imports chainer (a script
 that imports chainer first fails on numpy 2). Every patch first checks that its breakage is
@@ -13,12 +14,14 @@ scatters datasets and iterates locally) and ``chainermn.communicators._memory_ut
 unpack_params`` (``xp.array(..., copy=False)`` with a dtype change; only reached when
 parameters are not of ``chainer.get_dtype()``, float32 by default).
 """
+import ctypes
 import importlib.util
 import os
+import re
 import sys
 import types
 import warnings
-from typing import List
+from typing import List, Optional
 
 import numpy
 
@@ -40,6 +43,7 @@ def apply() -> List[str]:
     _numpy_sctypes()
     _numpy_float_alias()
     _chainer_environment_check()
+    _cuda_libraries_from_wheels()
     _cupy_without_cudnn()
     return APPLIED
 
@@ -112,27 +116,122 @@ def _imports(name: str) -> bool:
         return False
 
 
+# (folder under site-packages/nvidia, soname) of each CUDA 12 library CuPy 13 links by name,
+# in the order they are loaded; their own dependencies resolve through their RUNPATHs.
+CUDA12_WHEEL_LIBRARIES = (
+    ('cuda_nvrtc', 'libnvrtc.so.12'),
+    ('cublas', 'libcublas.so.12'), ('curand', 'libcurand.so.10'), ('cufft', 'libcufft.so.11'),
+    ('cusparse', 'libcusparse.so.12'), ('cusolver', 'libcusolver.so.11'),
+    ('cudnn', 'libcudnn_ops_infer.so.8'), ('cudnn', 'libcudnn_ops_train.so.8'),
+    ('cudnn', 'libcudnn_cnn_infer.so.8'), ('cudnn', 'libcudnn_cnn_train.so.8'),
+    ('cudnn', 'libcudnn_adv_infer.so.8'), ('cudnn', 'libcudnn_adv_train.so.8'),
+    ('cudnn', 'libcudnn.so.8'),
+)
+#: soname -> path of every library that _cuda_libraries_from_wheels loaded.
+LOADED_FROM_WHEELS = {}
+
+
+def cupy_version() -> Optional[str]:
+    """The installed CuPy's version, read from its files (CuPy is not imported), or None."""
+    try:
+        spec = importlib.util.find_spec('cupy')
+    except Exception:
+        return None
+    if spec is None or not spec.origin:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(spec.origin), '_version.py')) as f:
+            found = re.search(r"__version__ = '([^']+)'", f.read())
+    except OSError:
+        return None
+    return found.group(1) if found else None
+
+
+def _cuda_libraries_from_wheels() -> None:
+    # CuPy 13 links cuBLAS, cuRAND, cuFFT, cuSPARSE, cuSOLVER, NVRTC and cuDNN by soname
+    # (cupy_backends/cuda/libs/*.so) and looks for none of them in pip's nvidia-* wheels
+    # (cupy/_environment.py finds only NCCL and cuTENSOR there), so with the CUDA libraries
+    # installed as wheels (the gpu extra) its first use fails with "libcublas.so.12: cannot
+    # open shared object file" unless LD_LIBRARY_PATH names every wheel's folder. Loading each
+    # wheel's library by its path first makes the dynamic linker reuse it for that soname,
+    # so no path has to be set. A library this process can already load by soname (a system
+    # CUDA toolkit on the library path) is left to that; CuPy 14 finds the wheels itself
+    # (cuda-pathfinder) and is left alone.
+    if not sys.platform.startswith('linux'):
+        return
+    version = cupy_version()
+    if version is None or not version.startswith('13.'):
+        return
+    try:
+        spec = importlib.util.find_spec('nvidia')
+    except Exception:
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    roots = list(spec.submodule_search_locations)
+    for folder, soname in CUDA12_WHEEL_LIBRARIES:
+        paths = [os.path.join(root, folder, 'lib', soname) for root in roots]
+        path = next((p for p in paths if os.path.isfile(p)), None)
+        if path is None:
+            continue
+        try:
+            ctypes.CDLL(soname)  # already on the library path: use that one
+            continue
+        except OSError:
+            pass
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError:  # CuPy reports the library when it needs it; doctor says why
+            continue
+        LOADED_FROM_WHEELS[soname] = path
+    if LOADED_FROM_WHEELS:
+        _done('cuda libraries from wheels')
+
+
 def _cupy_without_cudnn() -> None:
-    # CuPy 14 dropped cuDNN: it has neither cupy.cudnn nor cupy.cuda.cudnn. chainer's
-    # chainer/backends/cuda.py then leaves cudnn_enabled = False and _cudnn_version = -1,
+    # CuPy 14 dropped cuDNN: it has neither cupy.cudnn nor cupy.cuda.cudnn; CuPy 13 has both
+    # modules, but they fail to import when the cuDNN library cannot be loaded
+    # (cupy.cuda.cudnn.available is then False). chainer's chainer/backends/cuda.py then
+    # leaves cudnn_enabled = False and _cudnn_version = -1,
     # so should_use_cudnn() is always False and every function takes its plain CuPy
     # kernels (convolution via im2col + tensordot, pooling, relu and softmax kernels), as
     # wanted. What goes wrong is that `import chainer` (relu.py builds a kernel at import)
     # warns 'cuDNN is not enabled. Please reinstall CuPy after you install cudnn', advice
-    # that cannot work with CuPy 14. CHAINER_CUDNN=0 is chainer's own switch for "do not
-    # use cuDNN": it gives the same state without that warning. A value the user set is
-    # kept; child processes (MPI ranks) inherit the variable, and compute the same anyway.
+    # that does not help: CuPy 14 has no cuDNN at all, and CuPy 13 needs the library (the
+    # gpu extra's nvidia-cudnn-cu12), not a reinstall. CHAINER_CUDNN=0 is chainer's own switch
+    # for "do not use cuDNN": it gives the same state without that warning. So whether cuDNN
+    # is there is decided by loading it as chainer would (the library, not the module's
+    # presence). A value the user set is kept; child processes (MPI ranks) inherit the
+    # variable, and compute the same anyway.
     if 'chainer' in sys.modules or 'CHAINER_CUDNN' in os.environ:
         return
     try:
         if importlib.util.find_spec('cupy') is None:
             return
-        has_cudnn = all(importlib.util.find_spec(name) is not None
-                        for name in ('cupy.cudnn', 'cupy.cuda.cudnn'))
+        has_module = all(importlib.util.find_spec(name) is not None
+                         for name in ('cupy.cudnn', 'cupy.cuda.cudnn'))
     except ModuleNotFoundError:  # 'cupy.cuda' is not a package: no cudnn under it
-        has_cudnn = False
+        has_module = False
     except Exception:  # CuPy itself fails to import: chainer will run without CUDA
         return
-    if not has_cudnn:
+    if has_module and not _cudnn_loads():
+        os.environ['CHAINER_CUDNN'] = '0'
+        _done('cuDNN library missing')
+    elif not has_module:
         os.environ['CHAINER_CUDNN'] = '0'
         _done('cupy without cudnn')
+
+
+def _cudnn_loads() -> bool:
+    """Whether CuPy's cuDNN binding loads (what chainer's ``import cupy.cudnn`` needs). CuPy's
+    own warning about a missing library is not shown: chainer reports the state."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            import cupy.cuda.cudnn as libcudnn
+            if not getattr(libcudnn, 'available', True):
+                return False
+            importlib.import_module('cupyx.cudnn')
+        return True
+    except Exception:  # ImportError (no libcudnn.so.8), or CuPy failing on this machine
+        return False

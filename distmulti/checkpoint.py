@@ -26,7 +26,7 @@ import numpy as np
 import chainer
 from chainer.serializers import DictionarySerializer, NpzDeserializer
 
-from distmulti import errors, watchdog
+from distmulti import devices, errors, watchdog
 from distmulti.errors import CheckpointError, DistmultiError, OutputError
 from distmulti.runfiles import CHECKPOINT_PREFIX, TMP_PREFIX
 
@@ -287,13 +287,14 @@ class Checkpointer(chainer.training.Extension):
     """Trainer extension: a checkpoint every ``interval`` iterations, at the last one, and at
     the iteration where the ranks agreed to stop (``updater.stop_agreed``).
 
-    Collective: every rank's numpy random state is gathered, then rank 0 writes the whole
-    trainer (parameters, every optimizer's state, iteration and epoch, stop trigger, the
-    extensions' state, the random states) with a manifest, then every rank learns whether
-    the write succeeded (so a full disk is the same error on every rank, and no rank leaves
-    before the checkpoint is complete). On resume each rank gets its own random state back
-    when the world size is unchanged. It runs after every other extension of its iteration,
-    so the checkpoint holds that iteration's log entry too.
+    Collective: every rank's numpy random state (and the seed its GPU generator goes on from,
+    see distmulti.devices) is gathered, then rank 0 writes the whole trainer (parameters,
+    every optimizer's state, iteration and epoch, stop trigger, the extensions' state, the
+    random states) with a manifest, then every rank learns whether the write succeeded (so a
+    full disk is the same error on every rank, and no rank leaves before the checkpoint is
+    complete). On resume each rank gets its own random state back when the world size is
+    unchanged. It runs after every other extension of its iteration, so the checkpoint holds
+    that iteration's log entry too.
     """
 
     name = 'Checkpointer'
@@ -305,6 +306,7 @@ class Checkpointer(chainer.training.Extension):
         self.is_last = is_last
         self.manifest = manifest
         self._rng_states = None
+        self._gpu_seeds = None
         self.last_written = None  # (iteration, path) of the newest checkpoint this run wrote
 
     def __call__(self, trainer):
@@ -314,19 +316,20 @@ class Checkpointer(chainer.training.Extension):
             self.write(trainer)
 
     def write(self, trainer) -> None:
-        states = self.world.allgather_obj(np.random.get_state())
-        error, path = None, None
+        gathered = self.world.allgather_obj((np.random.get_state(),
+                                             devices.checkpoint_gpu_seed()))
+        error = None
         if self.world.is_root:
-            self._rng_states = states
+            self._rng_states = [state for state, _ in gathered]
+            self._gpu_seeds = [gpu_seed for _, gpu_seed in gathered]
             try:
-                path = write_checkpoint(self.out, trainer.updater.iteration, trainer,
-                                        dict(self.manifest, world_size=self.world.size,
-                                             epoch_detail=trainer.updater.epoch_detail),
-                                        self.keep)
+                write_checkpoint(self.out, trainer.updater.iteration, trainer,
+                                 dict(self.manifest, world_size=self.world.size,
+                                      epoch_detail=trainer.updater.epoch_detail), self.keep)
             except DistmultiError as e:
                 error = (type(e).__name__, str(e))
             finally:
-                self._rng_states = None
+                self._rng_states = self._gpu_seeds = None
         # Every rank waits for the write and learns its outcome: one collective.
         error = self.world.allgather_obj(error)[0]
         if error is not None:
@@ -339,6 +342,9 @@ class Checkpointer(chainer.training.Extension):
             for rank, (_, keys, pos, has_gauss, cached) in enumerate(self._rng_states or ()):
                 serializer(f'rng/{rank}/keys', np.asarray(keys, dtype=np.uint32))
                 serializer(f'rng/{rank}/state', np.array([pos, has_gauss, cached], np.float64))
+            for rank, gpu_seed in enumerate(self._gpu_seeds or ()):
+                if gpu_seed is not None:  # the rank's CuPy generator (distmulti.devices)
+                    serializer(f'rng/{rank}/gpu_seed', np.asarray(gpu_seed, np.int64))
             return
         try:
             keys = serializer(f'rng/{self.world.rank}/keys', None)
@@ -347,3 +353,7 @@ class Checkpointer(chainer.training.Extension):
             return
         np.random.set_state(('MT19937', np.asarray(keys, dtype=np.uint32), int(state[0]),
                              int(state[1]), float(state[2])))
+        try:
+            devices.restore_gpu_seed(int(serializer(f'rng/{self.world.rank}/gpu_seed', None)))
+        except KeyError:  # written on the CPU, or before GPU generators were checkpointed
+            pass

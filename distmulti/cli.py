@@ -121,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument('--model-file', help='parameters to use (default RUN/model.npz)')
     ex.set_defaults(func=run_export)
 
+    dr = sub.add_parser('doctor', help='check this machine or image: versions, MPI, CUDA '
+                                       'libraries, GPUs, kernel compilation',
+                        description='Reports what training needs here and whether it works: '
+                                    'Python, numpy, chainer, CuPy and the compatibility '
+                                    'patches, the MPI library (CUDA-aware or not), each CUDA '
+                                    'library (file and version), the GPUs, and whether NVRTC '
+                                    'compiles CuPy kernels (no GPU needed for that). Exit '
+                                    'status 1 names the first thing to fix.')
+    dr.add_argument('--json', action='store_true', help='one JSON object instead of words')
+    dr.add_argument('--arch', action='append', metavar='sm_XY',
+                    help='compile the kernels for this GPU architecture (repeatable; default: '
+                         'every visible GPU\'s, else sm_80 and sm_90)')
+    dr.add_argument('--device', choices=('auto', 'cpu', 'gpu'), default='auto',
+                    help='what must work: cpu; gpu (a GPU must be visible); auto (default: the '
+                         'GPU stack when CuPy is installed, GPUs optional)')
+    dr.set_defaults(func=run_doctor)
+
     la = sub.add_parser('launch', help='run `distmulti train` on N ranks through mpiexec',
                         description='Builds and runs the mpiexec command for N ranks. '
                                     'Arguments after -- go to `distmulti train` (the word '
@@ -163,13 +180,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     import json
-    from distmulti import inference
-    from distmulti.comm import resolve_device
+    from distmulti import devices, inference
     from distmulti.config import normalize_device
     from distmulti import outdir
     out = args.out or os.path.join(args.run, 'evaluation')
     outdir.prepare(out)  # before any work: a bad --out is said at once
-    device = resolve_device(normalize_device(args.device))
+    device = devices.select(normalize_device(args.device))  # current before any CUDA work
     config, net = inference.load_run(args.run)
     if args.dataset:
         from distmulti.datasets import load_dataset
@@ -204,12 +220,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     import csv
-    from distmulti import inference
-    from distmulti.comm import resolve_device
+    from distmulti import devices, inference
     from distmulti.config import normalize_device
     if args.output:
         _check_output_file(args.output)
-    device = resolve_device(normalize_device(args.device))
+    device = devices.select(normalize_device(args.device))  # current before any CUDA work
     config, net = inference.load_run(args.run)
     sample = inference.run_data(config)[1][0][0]
     inference.load_parameters(net, args.model_file or os.path.join(args.run, MODEL_FILE),
@@ -265,6 +280,11 @@ def run_export(args: argparse.Namespace) -> int:
           f'{shape(graph.input[0])}; outputs (logits) {outputs}'
           + (f'; loss-only heads left out: {", ".join(left_out)}' if left_out else ''))
     return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from distmulti import doctor
+    return doctor.run(args.arch, args.device, args.json)
 
 
 def run_launch(args: argparse.Namespace) -> int:

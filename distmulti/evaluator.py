@@ -43,7 +43,7 @@ class MultiHeadEvaluator(extensions.Evaluator):
         totals = np.zeros(Layout(net.n_heads).size + 1)
         with chainer.using_config('train', False), chainer.no_backprop_mode():
             for batch in it:
-                x, t = self.converter(batch, self.device)
+                x, t = convert._call_converter(self.converter, batch, self.device)
                 totals[:-1] += batch_stats(net.head_outputs(x, t), t)
                 totals[-1] += len(batch)
                 watchdog.beat()  # progress, for the hang watchdog if one runs

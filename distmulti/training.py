@@ -22,18 +22,18 @@ from chainer import training
 from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
-from distmulti import checkpoint, errors, outdir, stopping, user_extensions
+from distmulti import checkpoint, devices, errors, outdir, stopping, user_extensions
 from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE, TENSORBOARD_DIR
 from distmulti._version import __version__
-from distmulti.comm import create_world, rank_device_spec, resolve_device
+from distmulti.comm import NCCL_COMMUNICATORS, choose_communicator, create_world
 from distmulti import watchdog as watchdog_module
 from distmulti.watchdog import Watchdog, WatchdogExtension, busy as watchdog_busy
 from distmulti.config import TrainConfig
 from distmulti.data import (ShuffledIterator, check_embedded_size, check_label_shape,
                             check_labels, digit_strips)
 from distmulti.datasets import labels_array, load_dataset, split_dataset
-from distmulti.errors import (CheckpointError, ConfigError, DataError, DistmultiError,
-                              TrainingStopped)
+from distmulti.errors import (CheckpointError, ConfigError, DataError, DeviceError,
+                              DistmultiError, TrainingStopped)
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
@@ -104,7 +104,12 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             watchdog = Watchdog(config.hang_timeout, log=log).start()
             stack.callback(watchdog.stop)
         on_gpu = config.device.startswith('@cupy')
-        world = comm or create_world(config.communicator, on_gpu=on_gpu, log=log)
+        # The rank's GPU becomes current before anything touches CUDA (NCCL's communicator,
+        # parameters, random generators, metrics): its rank on the node comes from MPI alone.
+        layout = (comm.size, comm.intra_rank) if comm is not None else devices.node_layout()[:2]
+        device = devices.select(config.device, *layout)                 # collective (layout)
+        world = comm or create_world(config.communicator, on_gpu=on_gpu, log=log,
+                                     cuda_aware_mpi=config.cuda_aware_mpi)
         if stop is not None:
             stop.announce = world.is_root
         if watchdog is not None:
@@ -114,13 +119,15 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             else:
                 watchdog.startup_done()
         _check_same_run(world, config)                                  # collective
+        _check_one_gpu_per_rank(world, device, config)                  # collective
+        devices.seed(config.seed, device, world.rank)
         lock = _on_root(world, lambda: _claim_output(config, run_id, log), None)  # collective
         if lock is not None:
             stack.callback(lock.release)
             if watchdog is not None:
                 watchdog.heartbeat_path = os.path.join(config.out, HEARTBEAT_FILE)
-        result = _train(config, net, world, run_id, network, optimizers, train_data,
-                        test_data, log, extra_extensions)
+        result = _train(config, net, world, device, run_id, network, optimizers,
+                        train_data, test_data, log, extra_extensions)
         if watchdog is not None:
             watchdog.close()                                            # collective
         return result
@@ -135,13 +142,13 @@ def _claim_output(config: TrainConfig, run_id: str, log) -> outdir.OutputLock:
     return lock
 
 
-def _train(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: str,
+def _train(config: TrainConfig, net: MultiHeadNet, world, device, run_id: str, network: str,
            optimizers, train_data, test_data, log, extra_extensions) -> Dict[str, Any]:
     with watchdog_busy('setting up'):
         # Local work and start-up collectives: a rank that stops or dies here is still seen
         # by the watchdog (its heartbeats stop); a slow set-up does not count as a hang.
         trainer, updater, evaluator, checkpointer, lineage = _set_up(
-            config, net, world, run_id, optimizers, train_data, test_data, log,
+            config, net, world, device, run_id, optimizers, train_data, test_data, log,
             extra_extensions)
     start = time.perf_counter()
     trainer.run(show_loop_exception_msg=False)
@@ -149,12 +156,10 @@ def _train(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: 
                    checkpointer, lineage, start, log)
 
 
-def _set_up(config: TrainConfig, net: MultiHeadNet, world, run_id: str, optimizers,
+def _set_up(config: TrainConfig, net: MultiHeadNet, world, device, run_id: str, optimizers,
             train_data, test_data, log, extra_extensions):
-    """Data, device, optimizers, updater, trainer and extensions; resumes if asked."""
+    """Data, optimizers, updater, trainer and extensions; resumes if asked."""
     root_log = log if world.is_root else (lambda msg: None)
-    device = resolve_device(rank_device_spec(config.device, world))
-    _seed_everything(config.seed, device)
 
     train_data, test_data, sources = _on_root(
         world, lambda: _load_data(config, train_data, test_data), (None, None, []))  # collective
@@ -485,7 +490,15 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
     return checkpointer
 
 
-def _seed_everything(seed: int, device) -> None:
-    np.random.seed(seed)
-    if device.xp is not np:
-        device.xp.random.seed(seed)
+def _check_one_gpu_per_rank(world, device, config: TrainConfig) -> None:
+    """NCCL refuses two ranks on one GPU ("Duplicate GPU detected" at the first collective):
+    say so, with the ranks, before it."""
+    if world.size == 1 or device.xp is np:
+        return
+    shared = devices.duplicate_gpus(world.allgather_obj(devices.gpu_identity(device)))
+    name = choose_communicator(config.communicator, True, config.cuda_aware_mpi)
+    if shared and name in NCCL_COMMUNICATORS:
+        gpu, ranks = next(iter(shared.items()))
+        raise DeviceError(f'ranks {", ".join(map(str, ranks))} all use GPU {gpu}, but the '
+                          f'{name} communicator (NCCL) needs one GPU per rank; start at most '
+                          f'as many ranks per node as it has GPUs', collective=True)

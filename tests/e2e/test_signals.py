@@ -59,7 +59,7 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
-                                    signal.SIGUSR1])
+                                    signal.SIGUSR1], ids=lambda s: signal.Signals(s).name)
 def test_a_signal_stops_one_process_at_a_checkpoint_and_resume_is_bitwise_equal(
         signum, tmp_path, uninterrupted):
     job = start(train_cmd(tmp_path))
@@ -104,7 +104,8 @@ def test_a_second_signal_ends_at_once_and_the_grace_period_ends_a_slow_stop(tmp_
 
 
 @needs_mpi
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP],
+                         ids=lambda s: signal.Signals(s).name)
 def test_a_signal_to_the_launcher_stops_every_rank_and_nothing_outlives_it(
         signum, tmp_path, uninterrupted):
     job = start(launch_cmd(tmp_path, restarts=2))

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 COMPAT_FILE = os.path.join(ROOT, 'distmulti', '_compat.py')
 NUMPY = tuple(int(part) for part in np.__version__.split('.')[:2])
 PATCHES = ('_numpy_sctypes', '_numpy_float_alias', '_chainer_environment_check',
-           '_cupy_without_cudnn')
+           '_cuda_libraries_from_wheels', '_cupy_without_cudnn')
 
 
 def run_python(code, env=None):
@@ -177,9 +177,31 @@ for name in ('cupyx', 'cupyx.scipy'):
     _module(name, True)
 _module('cupyx.scipy.linalg')
 _module('cupyx.scipy.special')
-if WITH_CUDNN:
+if CUDNN == 'library':
     _module('cupy.cudnn', getVersion=lambda: 8900)
-    _module('cupy.cuda.cudnn', getVersion=lambda: 8900)
+    _module('cupy.cuda.cudnn', getVersion=lambda: 8900, available=True)
+    _module('cupyx.cudnn')
+elif CUDNN == 'module only':
+    # CuPy 13 without the cuDNN library: cupy.cuda.cudnn imports with available = False
+    # (cupy/cuda/cudnn.py catches the ImportError); cupy.cudnn (cupyx.cudnn) does not import.
+    import importlib.abc
+
+    class _NoLibcudnn(importlib.abc.Loader):
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            raise ImportError('libcudnn.so.8: cannot open shared object file: No such file '
+                              'or directory')
+
+    class _Finder:
+        def find_spec(self, name, path=None, target=None):
+            if name in ('cupy.cudnn', 'cupyx.cudnn'):
+                return importlib.machinery.ModuleSpec(name, _NoLibcudnn())
+            return None
+
+    sys.meta_path.insert(0, _Finder())
+    _module('cupy.cuda.cudnn', available=False)
 '''
 
 CUDNN_REPORT = '''
@@ -192,9 +214,12 @@ print(json.dumps({'available': cuda.available, 'cudnn_enabled': cuda.cudnn_enabl
 '''
 
 
-def run_with_fake_cupy(with_cudnn, skip=(), env=None):
-    before = f'CUPY_VERSION = {"13.6.0" if with_cudnn else "14.2.0"!r}\n' \
-             f'WITH_CUDNN = {with_cudnn}\n{FAKE_CUPY}'
+def run_with_fake_cupy(with_cudnn, skip=(), env=None, cudnn=None):
+    """``cudnn``: 'library' (CuPy 13 with cuDNN), 'module only' (CuPy 13 without the cuDNN
+    library) or 'none' (CuPy 14); by default from ``with_cudnn``."""
+    cudnn = cudnn or ('library' if with_cudnn else 'none')
+    before = f'CUPY_VERSION = {"14.2.0" if cudnn == "none" else "13.6.0"!r}\n' \
+             f'CUDNN = {cudnn!r}\n{FAKE_CUPY}'
     proc = run_python(with_patches(CUDNN_REPORT, skip=skip, before=before), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
@@ -215,6 +240,19 @@ def test_without_the_cudnn_patch_chainer_tells_to_reinstall_cupy_with_cudnn():
     assert 'cuDNN is not enabled' in stderr and 'reinstall CuPy' in stderr
 
 
+def test_cupy_13_without_the_cudnn_library_gets_no_reinstall_advice():
+    report, stderr = run_with_fake_cupy(with_cudnn=False, cudnn='module only')
+    assert report['available'] and not report['cudnn_enabled'] and not report['auto']
+    assert report['env'] == '0' and 'cuDNN library missing' in report['applied']
+    assert 'cuDNN is not enabled' not in stderr
+
+
+def test_without_the_patch_cupy_13_without_the_library_is_told_to_reinstall():
+    report, stderr = run_with_fake_cupy(with_cudnn=False, cudnn='module only',
+                                        skip=['_cupy_without_cudnn'])
+    assert not report['cudnn_enabled'] and 'reinstall CuPy' in stderr
+
+
 def test_cupy_with_cudnn_is_left_alone():
     report, stderr = run_with_fake_cupy(with_cudnn=True)
     assert report['available'] and report['cudnn_enabled'] and report['version'] == 8900
@@ -229,7 +267,7 @@ def test_a_chainer_cudnn_setting_of_the_user_is_kept():
 
 def test_with_the_installed_cupy_chainer_reports_its_cudnn_state():
     """The real CuPy, where one imports (no GPU is needed to import it)."""
-    probe = run_python('import cupy, cupyx.scipy.linalg, cupyx.scipy.special')
+    probe = run_python('import distmulti, cupy, cupyx.scipy.linalg, cupyx.scipy.special')
     if probe.returncode != 0:
         last = (probe.stderr.strip().splitlines() or ['?'])[-1]
         pytest.skip(f'CuPy does not import here: {last[:200]}')
@@ -238,11 +276,13 @@ def test_with_the_installed_cupy_chainer_reports_its_cudnn_state():
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     modules = run_python('import importlib.util as u; print(all(u.find_spec(n) is not None '
                          'for n in ("cupy.cudnn", "cupy.cuda.cudnn")))').stdout.strip()
-    loads = run_python('import cupy.cudnn, cupy.cuda.cudnn').returncode == 0
+    # Loaded as chainer would, after the patches (CuPy 13 finds cuDNN's wheel through them).
+    loads = run_python(with_patches('import cupy.cudnn, cupy.cuda.cudnn')).returncode == 0
     assert report['available'] and report['cudnn_enabled'] == loads
     # CuPy 13 has the modules (they fail to load without the cuDNN library); CuPy 14 not.
     assert ('cupy without cudnn' in report['applied']) == (modules == 'False')
-    if modules == 'False':
+    assert ('cuDNN library missing' in report['applied']) == (modules == 'True' and not loads)
+    if not loads:
         assert 'cuDNN is not enabled' not in proc.stderr and not report['auto']
 
 

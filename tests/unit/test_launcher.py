@@ -87,14 +87,3 @@ def test_the_train_word_after_the_separator_is_optional(word, capsys):
 def test_launch_checks_its_input_before_starting_anything(args, message, capsys):
     assert main(['launch'] + args) == 2
     assert message in capsys.readouterr().err
-
-
-def test_each_rank_takes_the_gpu_of_its_intra_node_rank_modulo_the_visible_ones():
-    from types import SimpleNamespace
-    from distmulti.comm import rank_device_spec
-    world = SimpleNamespace(size=4, intra_rank=3)
-    assert rank_device_spec('@cupy:0', world, visible_gpus=4) == '@cupy:3'
-    assert rank_device_spec('@cupy:0', world, visible_gpus=1) == '@cupy:0'  # one per task
-    assert rank_device_spec('@cupy:0', world, visible_gpus=2) == '@cupy:1'
-    assert rank_device_spec('@numpy', world, visible_gpus=4) == '@numpy'
-    assert rank_device_spec('@cupy:2', SimpleNamespace(size=1, intra_rank=0), 4) == '@cupy:2'
