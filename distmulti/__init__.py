@@ -7,12 +7,12 @@ from distmulti.config import TrainConfig
 from distmulti.errors import (CheckpointError, ConfigError, DataError, DeviceError,
                               DistmultiError, NonFiniteLossError)
 from distmulti.evaluator import MultiHeadEvaluator
-from distmulti.models import BaseCNN, LossHead, MLPHead, MultiHeadNet, default_net
+from distmulti.models import BaseCNN, BatchNormCNN, LossHead, MLPHead, MultiHeadNet, default_net
 from distmulti.training import train
 from distmulti.updater import MultiHeadUpdater
 
 __all__ = [
-    '__version__', 'BaseCNN', 'CheckpointError', 'ConfigError', 'DataError', 'DeviceError',
-    'DistmultiError', 'LossHead', 'MLPHead', 'MultiHeadEvaluator', 'MultiHeadNet', 'MultiHeadUpdater',
-    'NonFiniteLossError', 'TrainConfig', 'default_net', 'train',
+    '__version__', 'BaseCNN', 'BatchNormCNN', 'CheckpointError', 'ConfigError', 'DataError',
+    'DeviceError', 'DistmultiError', 'LossHead', 'MLPHead', 'MultiHeadEvaluator', 'MultiHeadNet',
+    'MultiHeadUpdater', 'NonFiniteLossError', 'TrainConfig', 'default_net', 'train',
 ]

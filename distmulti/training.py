@@ -19,7 +19,7 @@ from chainer import training
 from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
-from distmulti import checkpoint, errors
+from distmulti import checkpoint, errors, plots, recipe
 from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE
 from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
@@ -31,6 +31,7 @@ from distmulti.errors import CheckpointError, ConfigError, DataError, DistmultiE
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
+from distmulti.schedule import RateObserver
 from distmulti.updater import MultiHeadUpdater
 
 EVAL_BATCHSIZE = 500
@@ -111,13 +112,17 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
     _on_root(world, lambda: [check_labels(labels_array(data), classes, name, net.head_names)
                              for data, name in sources], None)          # collective
     optimizers = _make_optimizers(config, net, optimizers)
+    schedules = recipe.apply(config, net, optimizers, world,
+                             recipe.total_iterations(config, len(train_data)), root_log)
 
     train_iter = ShuffledIterator(train_data, config.batchsize, seed=config.seed + world.rank)
     test_iter = SerialIterator(test_data, max(config.batchsize, EVAL_BATCHSIZE),
                                repeat=False, shuffle=False)
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
                                backward=config.backward, frozen=config.freeze, comm=world,
-                               grad_sync=config.grad_sync, device=device)  # collective
+                               grad_sync=config.grad_sync, device=device,
+                               accumulate=config.accumulate, lr_schedules=schedules,
+                               grad_dtype=config.grad_dtype)            # collective
     if world.is_root:
         os.makedirs(config.out, exist_ok=True)
     trainer = training.Trainer(updater, config.stop_trigger, out=config.out)
@@ -154,7 +159,7 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
         'run_id': os.environ.get('DISTMULTI_RUN_ID'),
         'network': network,
         'world_size': world.size,
-        'global_batchsize': config.batchsize * world.size,
+        'global_batchsize': config.batchsize * config.accumulate * world.size,
         'version': __version__,
         'config': config.to_dict(),
     }
@@ -307,7 +312,7 @@ def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> No
         raise CheckpointError(f'checkpoint {path!r} does not exist{where}', collective=True)
     checkpoint.load_npz(path, trainer,
                         ignore_names=lambda key: key.startswith(_ITERATOR_KEYS))
-    train_iter.seek(updater.iteration)
+    train_iter.seek(updater.iteration * updater.accumulate)
     written_by = updater.checkpoint_world_size
     ranks = (f'; same number of ranks ({world.size})' if written_by == world.size else
              f'; it was written by {written_by} rank(s) and continues on {world.size}, so the '
@@ -331,7 +336,7 @@ def _is_last_iteration(config: TrainConfig):
 
 def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world,
                     watchdog) -> None:
-    per_epoch = max(1, -(-n_train // config.batchsize))
+    per_epoch = max(1, -(-n_train // (config.batchsize * config.accumulate)))
     if config.eval_interval is not None:
         report_trigger = (config.eval_interval, 'iteration')
     elif config.iterations is not None:
@@ -348,7 +353,8 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         pause=watchdog.paused if watchdog is not None else None))
     if not world.is_root:
         return
-    trainer.extend(extensions.LogReport(trigger=report_trigger))
+    log_report = extensions.LogReport(trigger=report_trigger)
+    trainer.extend(log_report)
     net = evaluator.get_target('main')
     with_acc = [name for name, ok in zip(net.head_names, net.has_logits) if ok]
     trainer.extend(extensions.PrintReport(
@@ -357,16 +363,19 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         + ['validation/main/accuracy_all', 'elapsed_time']))
     if config.progress:
         trainer.extend(extensions.ProgressBar(update_interval=10))
-    if config.plot and extensions.PlotReport.available():
-        plots = {'loss.png': ['main/loss', 'validation/main/loss'],
-                 'accuracy_all.png': ['main/accuracy_all', 'validation/main/accuracy_all']}
+    rates = RateObserver(trainer.updater.get_all_optimizers())
+    trainer.extend(rates, trigger=report_trigger)
+    if config.plot and plots.available():
+        figures = {'loss.png': ['main/loss', 'validation/main/loss'],
+                   'accuracy_all.png': ['main/accuracy_all', 'validation/main/accuracy_all']}
         for name in net.head_names:
             for what in ('loss', 'accuracy') if name in with_acc else ('loss',):
-                plots[f'{name}_{what}.png'] = [f'main/{name}/{what}',
-                                               f'validation/main/{name}/{what}']
-        for filename, keys in plots.items():
-            trainer.extend(extensions.PlotReport(keys, x_key=report_trigger[1],
-                                                 trigger=report_trigger, filename=filename))
+                figures[f'{name}_{what}.png'] = [f'main/{name}/{what}',
+                                                 f'validation/main/{name}/{what}']
+        if rates.keys:
+            figures['lr.png'] = rates.keys
+        trainer.extend(plots.LogPlots(log_report, figures, x_key=report_trigger[1],
+                                      log=_stderr_log), trigger=report_trigger)
 
 
 def _seed_everything(seed: int, device) -> None:
