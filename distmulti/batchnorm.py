@@ -7,7 +7,7 @@ ChainerMN's link corrects the running variance for bias with the local count B
 its running statistics, too, equal those of one process with batch N*B.
 """
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import chainer
 import chainer.links as L
