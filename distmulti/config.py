@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from distmulti.errors import ConfigError
 
-DEFAULT_EPOCHS = 5
+DEFAULT_EPOCHS = 4
 BACKWARD_MODES = ('fused', 'per_loss')
 GRAD_SYNC_MODES = ('net', 'optimizers')
 COMMUNICATORS = ('auto', 'naive', 'pure_nccl', 'flat', 'non_cuda_aware')

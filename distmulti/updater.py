@@ -215,6 +215,9 @@ class MultiHeadUpdater(StandardUpdater):
             self.comm.mean_grads(self.net)
 
     def _step(self) -> None:
+        """Sets each scheduled part's rate for this update (a pure function of the iteration
+        count, so a resumed run sets the same rates), steps every part that is not frozen, and
+        at an epoch boundary advances every optimizer's epoch (``new_epoch(auto=True)``)."""
         for name, optimizer in self._optimizers.items():
             schedule = self.lr_schedules.get(name)
             if schedule is not None:

@@ -8,9 +8,9 @@ from distmulti.config import TrainConfig, normalize_device
 from distmulti.errors import ConfigError
 
 
-def test_defaults_are_valid_and_train_three_heads_for_five_epochs_with_warmup_and_cosine():
+def test_defaults_are_valid_and_train_three_heads_for_four_epochs_with_warmup_and_cosine():
     config = TrainConfig().validate()
-    assert config.heads == 3 and config.stop_trigger == (5, 'epoch')
+    assert config.heads == 3 and config.stop_trigger == (4, 'epoch')
     assert config.optimizer_names == ['base', 'head0', 'head1', 'head2']
     assert (config.lr, config.warmup, config.lr_decay, config.accumulate) == (
         2e-3, 50, 'cosine', 1)
