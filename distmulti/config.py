@@ -154,8 +154,9 @@ class TrainConfig:
                            choices=DECAYS)
     lr_step: Optional[int] = option(None, 'iterations per factor --lr-gamma (step and '
                                           'exponential decay)', metavar='N', show_default=False)
-    lr_gamma: float = option(0.1, 'decay factor per --lr-step iterations')
-    lr_floor: float = option(0.0, 'lowest rate of a decay, as a fraction of the peak rate')
+    lr_gamma: float = option(0.1, 'decay factor per --lr-step iterations', metavar='G')
+    lr_floor: float = option(0.0, 'lowest rate of a decay, as a fraction of the peak rate',
+                             metavar='F')
     lr_scaling: str = option('none', 'linear: every rate is given for --lr-reference-batch and '
                                      'is multiplied by the global batch (ranks x --accumulate '
                                      'x --batchsize) over it', choices=LR_SCALINGS)
