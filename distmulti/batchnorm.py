@@ -21,8 +21,9 @@ except ImportError:  # pragma: no cover - chainermn is part of chainer
 
 
 def batch_norm_links(link: chainer.Link) -> List[Tuple[str, chainer.Link]]:
-    """(path, link) of every ``L.BatchNormalization`` under ``link`` (not synchronised ones)."""
-    return [(path, sub) for path, sub in link.namedlinks(skipself=False)
+    """(path, link) of every ``L.BatchNormalization`` inside ``link`` (not synchronised ones;
+    not ``link`` itself)."""
+    return [(path, sub) for path, sub in link.namedlinks(skipself=True)
             if isinstance(sub, L.BatchNormalization)]
 
 
@@ -36,15 +37,19 @@ def sync_batch_norm(net: chainer.Link, comm, optimizers: Dict[str, chainer.Optim
     (lazily sized links have their shapes) and before the updater is built.
     """
     replaced = 0
-    for part, optimizer in optimizers.items():
-        root = getattr(net, part)
-        for path, bn in batch_norm_links(root):
-            new = _convert(bn, comm, f'{part}{path}')
-            _replace(root, path, new)
-            for param in new.params():
-                if isinstance(optimizer, chainer.GradientMethod):
-                    param.update_rule = optimizer.create_update_rule()
-            replaced += 1
+    for path, bn in batch_norm_links(net):
+        part = path.split('/')[1]
+        if path == '/' + part:
+            raise ConfigError(f'{part} is itself a BatchNormalization link, which sync_bn '
+                              f'cannot replace under its optimizer; put it inside a Chain',
+                              collective=True)
+        new = _convert(bn, comm, path[1:])
+        _replace(net, path, new)
+        optimizer = optimizers[part]
+        for param in new.params():
+            if isinstance(optimizer, chainer.GradientMethod):
+                param.update_rule = optimizer.create_update_rule()
+        replaced += 1
     return replaced
 
 

@@ -238,14 +238,18 @@ def test_sync_bn_replaces_links_in_chains_chain_lists_and_sequentials_keeping_th
         np.testing.assert_allclose(net.base(x).array, expected, rtol=1e-6)
 
 
-def test_sync_bn_refuses_normalisation_over_other_axes():
+def test_sync_bn_refuses_normalisation_over_other_axes_and_a_bare_batch_norm_part():
     comm = real_communicator()
-    net = MultiHeadNet(L.BatchNormalization(axis=(0, 1)), [L.Linear(None, 10)])
-    net.initialize(np.zeros((2, 3, 4), dtype=np.float32))
-    with pytest.raises(ConfigError, match=r'base/: sync_bn supports BatchNormalization over '
-                                          r'the batch and spatial axes only'):
-        sync_batch_norm(net, comm, {'base': O.SGD().setup(net.base),
-                                    'head0': O.SGD().setup(net.head0)})
+    for base, message in ((chainer.Sequential(L.BatchNormalization(axis=(0, 1))),
+                           r'^base/0: sync_bn supports BatchNormalization over the batch and '
+                           r'spatial axes only \(axis \(0, 2, ...\)\); this one has axis \(0, 1\)'),
+                          (L.BatchNormalization(axis=(0, 2)),
+                           r'^base is itself a BatchNormalization link')):
+        net = MultiHeadNet(base, [L.Linear(None, 10)])
+        net.initialize(np.zeros((2, 3, 4), dtype=np.float32))
+        with pytest.raises(ConfigError, match=message):
+            sync_batch_norm(net, comm, {'base': O.SGD().setup(net.base),
+                                        'head0': O.SGD().setup(net.head0)})
 
 
 # -- exchange dtype and epochs --------------------------------------------------------------
