@@ -1,8 +1,9 @@
 """Iteration time of the seed-style per-head backward against one fused backward.
 
-For K = 1, 2, 4, 8 heads on the embedded K-digit strips (default BaseCNN and MLP heads, CPU),
-both modes run side by side in one process, interleaved in rounds so machine noise hits both
-alike; each cell is the median over rounds of the mean iteration time in a round.
+For K = 1, 2, 4, 8 heads on the embedded K-digit strips (BaseCNN and MLP heads, the default
+network when the table in docs/benchmarks.md was measured; CPU), both modes run side by side
+in one process, interleaved in rounds so machine noise hits both alike; each cell is the
+median over rounds of the mean iteration time in a round.
 
     python bench/backward_modes.py [--batchsize 64] [--rounds 15] [--iters 10]
 """
@@ -17,13 +18,13 @@ from chainer import optimizers as O
 from chainer.iterators import SerialIterator
 
 from distmulti.data import digit_strips
-from distmulti.models import default_net
+from distmulti.models import BaseCNN, MLPHead, MultiHeadNet
 from distmulti.updater import MultiHeadUpdater
 
 
 def make_updater(k, mode, batchsize):
     np.random.seed(0)
-    net = default_net(k)
+    net = MultiHeadNet(BaseCNN(), [MLPHead(10) for _ in range(k)])  # as measured
     train, _ = digit_strips(k, batchsize * 4, 1, seed=0)
     net.initialize(train.x[:1])
     optimizers = {}

@@ -1,5 +1,6 @@
-"""Times one training iteration of distmulti's default network in distmulti (Chainer on CuPy,
-or NumPy) and in plain PyTorch on the same device; prints one table.
+"""Times one training iteration of distmulti's first default network (BaseCNN with MLPHead
+classifiers; the default is now BatchNormCNN with linear heads) in distmulti (Chainer on
+CuPy, or NumPy) and in plain PyTorch on the same device; prints one table.
 
 Both sides run the same model: BaseCNN (3x3 conv 1->16, 3x3 conv 16->32, 2x2 max-pool, fully
 connected ->128, ReLUs) feeding K MLPHead classifiers (128->64->10), softmax cross-entropy per
@@ -111,7 +112,8 @@ def build(batch, heads, on_gpu):
     x, y = make_data(batch, heads)
     device = chainer.get_device('@cupy:0' if on_gpu else '@numpy')
     np.random.seed(0)
-    net = distmulti.default_net(heads)
+    net = distmulti.MultiHeadNet(distmulti.BaseCNN(),
+                                 [distmulti.MLPHead(10) for _ in range(heads)])
     net.to_device(device)
     net.initialize(device.send(x[:1]))
     opts = {name: O.Adam(alpha=1e-3) for name in ['base'] + net.head_names}

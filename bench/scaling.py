@@ -1,4 +1,5 @@
-"""Data-parallel scaling on this machine: 1 rank against 2 ranks, both gradient-sync modes.
+"""Data-parallel scaling on this machine: 1 rank against 2 ranks, both gradient-sync modes
+(BaseCNN with MLP heads, the default network when docs/benchmarks.md's table was measured).
 
     python bench/scaling.py [--batchsize 64] [--rounds 9] [--iters 10]
 
@@ -28,7 +29,7 @@ def worker(args):
     from chainer import optimizers as O
     from distmulti.comm import create_world
     from distmulti.data import ShuffledIterator, digit_strips
-    from distmulti.models import default_net
+    from distmulti.models import BaseCNN, MLPHead, MultiHeadNet
     from distmulti.updater import MultiHeadUpdater
 
     from distmulti.comm import LocalComm
@@ -38,7 +39,7 @@ def worker(args):
         args.grad_sync = 'net'  # a no-op in a world of one: compute only
     train, _ = digit_strips(args.heads, 4096, 1, seed=0)
     np.random.seed(0)
-    net = default_net(args.heads)
+    net = MultiHeadNet(BaseCNN(), [MLPHead(10) for _ in range(args.heads)])
     net.initialize(train.x[:1])
     opts = {}
     for name in ['base'] + net.head_names:

@@ -8,12 +8,13 @@ from distmulti.errors import (CheckpointError, ConfigError, DataError, DeviceErr
                               DistmultiError, ExportError, NonFiniteLossError)
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.export import export_onnx
-from distmulti.models import BaseCNN, LossHead, MLPHead, MultiHeadNet, default_net
+from distmulti.models import BaseCNN, BatchNormCNN, LossHead, MLPHead, MultiHeadNet, default_net
 from distmulti.training import train
 from distmulti.updater import MultiHeadUpdater
 
 __all__ = [
-    '__version__', 'BaseCNN', 'CheckpointError', 'ConfigError', 'DataError', 'DeviceError',
-    'DistmultiError', 'ExportError', 'LossHead', 'MLPHead', 'MultiHeadEvaluator', 'MultiHeadNet', 'MultiHeadUpdater',
-    'NonFiniteLossError', 'TrainConfig', 'default_net', 'export_onnx', 'train',
+    '__version__', 'BaseCNN', 'BatchNormCNN', 'CheckpointError', 'ConfigError', 'DataError',
+    'DeviceError', 'DistmultiError', 'ExportError', 'LossHead', 'MLPHead', 'MultiHeadEvaluator',
+    'MultiHeadNet', 'MultiHeadUpdater', 'NonFiniteLossError', 'TrainConfig', 'default_net',
+    'export_onnx', 'train',
 ]

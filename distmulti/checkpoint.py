@@ -299,6 +299,8 @@ class Checkpointer(chainer.training.Extension):
 
     name = 'Checkpointer'
     trigger = (1, 'iteration')
+    # After every other extension of its iteration (the log included), so that a resumed run
+    # has that iteration's log entry and the extensions' triggers as an uninterrupted one.
     priority = chainer.training.PRIORITY_READER - 1
 
     def __init__(self, world, out: str, interval: int, keep: int, is_last, manifest: dict):

@@ -2,9 +2,9 @@
 
 ``LocalComm`` is the single-process world (no MPI). ``MPIComm`` wraps a ChainerMN communicator
 on MPI.COMM_WORLD. Both offer the same small interface (rank, size, intra_rank,
-allreduce_sum, allgather_obj, bcast_data, mean_grads, abort), so the updater, evaluator and
-trainer never ask which one they run on. ``create_world`` picks one; rank arithmetic stays in
-pure functions here, communication in the thin methods.
+allreduce_sum, allgather_obj, bcast_data, mean_grads, set_grad_dtype, abort), so the updater,
+evaluator and trainer never ask which one they run on. ``create_world`` picks one; rank
+arithmetic stays in pure functions here, communication in the thin methods.
 """
 import os
 import sys
@@ -53,8 +53,14 @@ class LocalComm:
     def bcast_data(self, link: chainer.Link) -> None:
         pass
 
+    def bcast_persistents(self, link: chainer.Link) -> None:
+        pass
+
     def mean_grads(self, link: chainer.Link) -> None:
         pass
+
+    def set_grad_dtype(self, name: str) -> None:
+        """Sets the dtype gradients are exchanged in (nothing is exchanged in one process)."""
 
     def abort(self, code: int) -> None:
         sys.exit(code)
@@ -82,6 +88,38 @@ class MPIComm(LocalComm):
     def bcast_data(self, link: chainer.Link) -> None:
         """Makes every rank's parameters equal to rank 0's."""
         self.mn.bcast_data(link)
+
+    def bcast_persistents(self, link: chainer.Link) -> None:
+        """Makes every rank's persistent values (BatchNormalization's running statistics and
+        the like, which each rank updates from its own batches) equal to rank 0's: the values
+        rank 0 saves in model.npz and in checkpoints. Collective; in a fixed order."""
+        with watchdog.busy('sharing persistent values'):
+            for _, sub in sorted(link.namedlinks()):
+                for name in sorted(sub._persistent):
+                    value = getattr(sub, name)
+                    xp = chainer.backend.get_array_module(value)
+                    if isinstance(value, (np.ndarray,)) or xp is not np:
+                        host = np.ascontiguousarray(chainer.backend.CpuDevice().send(value))
+                        self.mpi.Bcast(host, root=0)
+                        if xp is np:
+                            value[...] = host
+                        else:
+                            value.set(host)
+                    else:  # a Python or numpy scalar
+                        setattr(sub, name, self.mpi.bcast(value, root=0))
+
+    def set_grad_dtype(self, name: str) -> None:
+        """Makes the communicator exchange gradients as ``name`` (``float32`` or ``float16``):
+        ChainerMN's ``allreduce_grad_dtype``, which only its pure_nccl communicator has. Both
+        gradient-sync modes then use it (multi-node optimizers and ``mean_grads`` on GPUs)."""
+        if name == 'float32':
+            return
+        try:
+            self.mn.set_config('allreduce_grad_dtype', np.dtype(name))
+        except ValueError:
+            raise ConfigError(f'grad_dtype {name} needs ChainerMN\'s pure_nccl communicator; '
+                              f'this run uses {self.name}, which exchanges float32 only',
+                              collective=True) from None
 
     def mean_grads(self, link: chainer.Link) -> None:
         """Averages every gradient of ``link`` over ranks in one collective.

@@ -11,15 +11,24 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from distmulti.errors import ConfigError
 
-DEFAULT_EPOCHS = 8
+DEFAULT_EPOCHS = 4
 MAX_SEED = 2 ** 32 - 1
 BACKWARD_MODES = ('fused', 'per_loss')
 GRAD_SYNC_MODES = ('net', 'optimizers')
 COMMUNICATORS = ('auto', 'naive', 'pure_nccl', 'flat', 'non_cuda_aware')
-OPTIMIZER_KEYS = ('type', 'lr')
+# Keys of one part's entry under `optimizers:`; all but type and lr default to the flag of
+# the same name (see TrainConfig.optimizer_spec).
+OPTIMIZER_KEYS = ('type', 'lr', 'warmup', 'lr_decay', 'lr_step', 'lr_gamma', 'lr_floor',
+                  'weight_decay', 'grad_clip')
 _DEVICE_RE = re.compile(r'^@cupy:(\d+)$')
 _MODEL_RE = re.compile(r'^[A-Za-z_][\w.]*:[A-Za-z_]\w*$')
 DATASET_KINDS = ('npz', 'csv')
+# Learning-rate schedules (distmulti.schedule), scaling rules, gradient-exchange dtypes.
+DECAYS = ('constant', 'step', 'exponential', 'cosine')
+LR_SCALINGS = ('none', 'linear')
+GRAD_DTYPES = ('float32', 'float16')
+DEFAULT_WARMUP = 50
+DEFAULT_DECAY = 'cosine'
 
 
 def option(default: Any = None, help: str = '', *, factory: Optional[Callable[[], Any]] = None,
@@ -80,14 +89,15 @@ class TrainConfig:
                                   show_default=False)
     iterations: Optional[int] = option(None, 'iterations to train', short='-i', group='length',
                                        resume_free=True, show_default=False)
-    lr: float = option(1e-3, 'learning rate of every optimizer (per-part rates go under '
+    lr: float = option(2e-3, 'learning rate of every optimizer (per-part rates go under '
                              '`optimizers:` in --config)')
     optimizer: str = option('adam', 'optimizer type of every part: adam, sgd, momentum_sgd, '
                                     'nesterov, rmsprop, adagrad, or adadelta (which has no '
                                     'learning rate); per-part types go under `optimizers:` in '
                                     '--config')
     optimizers: Dict[str, Dict[str, Any]] = option(
-        help='per part (base, head0, ...): {type, lr}', factory=dict, flag=False)
+        help='per part (base, head0, ...): {type, lr, warmup, lr_decay, lr_step, lr_gamma, '
+             'lr_floor, weight_decay, grad_clip}', factory=dict, flag=False)
     loss_weights: Optional[List[float]] = option(
         None, 'weight of each head in the summed loss (default: all 1)', metavar='W0,W1,..',
         parse=_float_list, show_default=False)
@@ -147,6 +157,41 @@ class TrainConfig:
     cuda_aware_mpi: bool = option(False, 'the MPI is CUDA-aware (takes GPU memory): allows the '
                                          'naive and flat communicators on GPUs',
                                   resume_free=True)
+
+    # -- large-batch recipe: rate schedules and scaling, regularisation, accumulation,
+    #    gradient-exchange precision, synchronised BatchNorm (per-part overrides of the
+    #    schedule and regularisation keys go under `optimizers:` in --config)
+    warmup: int = option(DEFAULT_WARMUP, 'raise every rate linearly over the first N '
+                                         'iterations', metavar='N')
+    lr_decay: str = option(DEFAULT_DECAY, 'after the warm-up: constant, step (x --lr-gamma '
+                                          'every --lr-step iterations), exponential (the same, '
+                                          'smoothly) or cosine (to --lr-floor at the end)',
+                           choices=DECAYS)
+    lr_step: Optional[int] = option(None, 'iterations per factor --lr-gamma (step and '
+                                          'exponential decay)', metavar='N', show_default=False)
+    lr_gamma: float = option(0.1, 'decay factor per --lr-step iterations', metavar='G')
+    lr_floor: float = option(0.0, 'lowest rate of a decay, as a fraction of the peak rate',
+                             metavar='F')
+    lr_scaling: str = option('none', 'linear: every rate is given for --lr-reference-batch and '
+                                     'is multiplied by the global batch (ranks x --accumulate '
+                                     'x --batchsize) over it', choices=LR_SCALINGS)
+    lr_reference_batch: Optional[int] = option(
+        None, 'the batch the rates are given for, with --lr-scaling linear (default: '
+              '--batchsize, i.e. one rank and one micro-batch)', metavar='N', show_default=False)
+    weight_decay: float = option(0.0, 'L2 weight decay of every part (Chainer\'s WeightDecay '
+                                      'hook)', metavar='RATE')
+    grad_clip: Optional[float] = option(None, 'clip the L2 norm of each part\'s gradient to '
+                                              'this (Chainer\'s GradientClipping hook; default: '
+                                              'no clipping)', metavar='NORM', show_default=False)
+    accumulate: int = option(1, 'forward/backward passes of --batchsize per optimizer step '
+                                '(gradient accumulation: one exchange and one step per N '
+                                'batches)', metavar='N')
+    grad_dtype: str = option('float32', 'dtype of the gradient exchange between ranks; float16 '
+                                        'needs GPUs and the pure_nccl communicator',
+                             choices=GRAD_DTYPES)
+    sync_bn: bool = option(False, 'replace every BatchNormalization link of the network by '
+                                  'ChainerMN\'s multi-node one: statistics over the global '
+                                  'batch instead of each rank\'s')
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -216,10 +261,15 @@ class TrainConfig:
         return list(self.loss_weights) if self.loss_weights is not None else [1.0] * self.heads
 
     def optimizer_spec(self, name: str) -> Dict[str, Any]:
-        """The optimizer type and learning rate for ``base`` or ``head{i}``."""
-        spec = {'type': self.optimizer, 'lr': self.lr}
+        """Everything about the optimizer of ``base`` or ``head{i}`` (the keys of
+        OPTIMIZER_KEYS): the flags' values, overridden by its entry under ``optimizers``."""
+        spec = self._flag_spec()
         spec.update(self.optimizers.get(name, {}))
         return spec
+
+    def _flag_spec(self) -> Dict[str, Any]:
+        return {key: getattr(self, 'optimizer' if key == 'type' else key)
+                for key in OPTIMIZER_KEYS}
 
     # -- checks -------------------------------------------------------------
     def validate(self, head_names: Optional[List[str]] = None,
@@ -256,6 +306,8 @@ class TrainConfig:
                 check_optimizer_type(spec['type'], f'optimizers[{name!r}].type')
             if 'lr' in spec:
                 _check_number(f'optimizers[{name!r}].lr', spec['lr'], positive=True)
+            _check_part(self.optimizer_spec(name), f'optimizers[{name!r}].',
+                        [key for key in OPTIMIZER_KEYS[2:] if key in spec])
         if self.loss_weights is not None:
             if not isinstance(self.loss_weights, (list, tuple)) or len(self.loss_weights) != self.heads:
                 raise ConfigError(f'loss_weights must hold one number per head ({self.heads}), '
@@ -327,7 +379,63 @@ class TrainConfig:
         if self.device.startswith('@cupy'):
             from distmulti.comm import choose_communicator
             choose_communicator(self.communicator, True, self.cuda_aware_mpi)
+        # -- large-batch recipe
+        _check_part(self._flag_spec(), '', OPTIMIZER_KEYS[2:])
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f'lr_scaling must be one of {", ".join(LR_SCALINGS)}, '
+                              f'got {self.lr_scaling!r}')
+        if self.lr_reference_batch is not None:
+            _check_int('lr_reference_batch', self.lr_reference_batch, minimum=1)
+        _check_int('accumulate', self.accumulate, minimum=1)
+        if self.grad_dtype not in GRAD_DTYPES:
+            raise ConfigError(f'grad_dtype must be one of {", ".join(GRAD_DTYPES)}, '
+                              f'got {self.grad_dtype!r}')
+        if self.grad_dtype == 'float16':
+            if not self.device.startswith('@cupy'):
+                raise ConfigError(f'grad_dtype float16 needs GPUs: only ChainerMN\'s pure_nccl '
+                                  f'communicator exchanges float16, and on the CPU its naive '
+                                  f'communicator exchanges float32 only; this run is on the '
+                                  f'CPU (device {self.device}); use grad_dtype float32 or a GPU '
+                                  f'device (@cupy:0)')
+            if self.communicator not in ('auto', 'pure_nccl'):
+                raise ConfigError(f'grad_dtype float16 needs the pure_nccl communicator '
+                                  f'(ChainerMN\'s {self.communicator} exchanges float32 only); '
+                                  f'use communicator auto or pure_nccl')
+        if not isinstance(self.sync_bn, bool):
+            raise ConfigError(f'sync_bn must be true or false, got {self.sync_bn!r}')
         return self
+
+
+def _check_part(spec: Mapping[str, Any], prefix: str, keys: Sequence[str]) -> None:
+    """Checks the schedule and regularisation values ``keys`` of one part's merged ``spec``
+    (``prefix`` names where they came from), and that a step or exponential decay has a step."""
+    for key in keys:
+        value, name = spec[key], prefix + key
+        if key == 'warmup':
+            _check_int(name, value, minimum=0)
+        elif key == 'lr_decay':
+            if value not in DECAYS:
+                raise ConfigError(f'{name} must be one of {", ".join(DECAYS)}, got {value!r}')
+        elif key == 'lr_step':
+            if value is not None:
+                _check_int(name, value, minimum=1)
+        elif key == 'lr_gamma':
+            _check_number(name, value, positive=True)
+        elif key == 'lr_floor':
+            _check_number(name, value, positive=False)
+            if not 0 <= value <= 1:
+                raise ConfigError(f'{name} is a fraction of the peak rate and must be between '
+                                  f'0 and 1, got {value!r}')
+        elif key == 'weight_decay':
+            _check_number(name, value, positive=False)
+            if value < 0:
+                raise ConfigError(f'{name} must be >= 0, got {value!r}')
+        elif key == 'grad_clip':
+            if value is not None:
+                _check_number(name, value, positive=True)
+    if spec['lr_decay'] in ('step', 'exponential') and spec['lr_step'] is None:
+        raise ConfigError(f'{prefix}lr_decay {spec["lr_decay"]} needs lr_step (iterations per '
+                          f'factor lr_gamma), which is not set')
 
 
 def normalize_device(spec: Any) -> str:

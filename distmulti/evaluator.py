@@ -33,6 +33,10 @@ class MultiHeadEvaluator(extensions.Evaluator):
 
     def evaluate(self):
         net = self.get_target('main')
+        # Each rank has updated its running statistics (BatchNorm) from its own batches: every
+        # rank evaluates with rank 0's, the ones model.npz and the checkpoints keep, so the
+        # numbers are those of the saved model and the same after a resume.
+        self.comm.bcast_persistents(net)                                # collective
         iterator = self.get_iterator('main')
         if hasattr(iterator, 'reset'):
             iterator.reset()

@@ -29,6 +29,14 @@ class Layout:
         return v[2 * self.k:3 * self.k]
 
 
+def label_counts(t) -> np.ndarray:
+    """Labelled samples per head (label column != -1) of a label batch, as a host float64
+    vector of length K: the ``labelled`` part of ``batch_stats``, known before any forward."""
+    xp = backend.get_array_module(t)
+    counts = (t != IGNORE_LABEL).sum(axis=0).astype(np.float64)
+    return np.asarray(backend.CpuDevice().send(xp.asarray(counts)), dtype=np.float64)
+
+
 def batch_stats(outputs: Sequence[HeadOutput], t) -> np.ndarray:
     """Sums for one batch as a host float64 vector of length 3K + 2.
 

@@ -22,7 +22,8 @@ from chainer import training
 from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
-from distmulti import checkpoint, devices, errors, outdir, stopping, user_extensions
+from distmulti import (checkpoint, devices, errors, outdir, plots, recipe, stopping,
+                       user_extensions)
 from distmulti.runfiles import HEARTBEAT_FILE, MODEL_FILE, RESULT_FILE, TENSORBOARD_DIR
 from distmulti._version import __version__
 from distmulti.comm import NCCL_COMMUNICATORS, choose_communicator, create_world
@@ -37,6 +38,7 @@ from distmulti.errors import (CheckpointError, ConfigError, DataError, DeviceErr
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
+from distmulti.schedule import RateObserver
 from distmulti.timing import IterationTimer
 from distmulti.updater import MultiHeadUpdater
 
@@ -192,13 +194,17 @@ def _set_up(config: TrainConfig, net: MultiHeadNet, world, device, run_id: str, 
     _on_root(world, lambda: [check_labels(labels_array(data), classes, name, net.head_names)
                              for data, name in sources], None)          # collective
     optimizers = _make_optimizers(config, net, optimizers)
+    schedules = recipe.apply(config, net, optimizers, world,
+                             recipe.total_iterations(config, len(train_data)), root_log)
 
     train_iter = ShuffledIterator(train_data, config.batchsize, seed=config.seed + world.rank)
     test_iter = SerialIterator(test_data, max(config.batchsize, EVAL_BATCHSIZE),
                                repeat=False, shuffle=False)
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
                                backward=config.backward, frozen=config.freeze, comm=world,
-                               grad_sync=config.grad_sync, device=device)  # collective
+                               grad_sync=config.grad_sync, device=device,
+                               accumulate=config.accumulate, lr_schedules=schedules,
+                               grad_dtype=config.grad_dtype)            # collective
     trainer = training.Trainer(updater, StopTrigger(config.stop_trigger, updater),
                                out=config.out)
     evaluator = MultiHeadEvaluator(test_iter, net, loss_weights=config.weights,
@@ -241,7 +247,7 @@ def _finish(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network:
         'lineage': lineage,
         'network': network,
         'world_size': world.size,
-        'global_batchsize': config.batchsize * world.size,
+        'global_batchsize': config.batchsize * config.accumulate * world.size,
         'version': __version__,
         'config': config.to_dict(),
     }
@@ -276,6 +282,10 @@ class StopTrigger:
     def serialize(self, serializer) -> None:
         if hasattr(self.trigger, 'serialize'):
             self.trigger.serialize(serializer)
+
+    def get_training_length(self):
+        """The wrapped trigger's length (the progress bar asks for it)."""
+        return self.trigger.get_training_length()
 
 
 def _on_root(world, load, empty):
@@ -417,7 +427,7 @@ def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> Op
         raise CheckpointError(f'checkpoint {path!r} does not exist{where}', collective=True)
     checkpoint.load_npz(path, trainer,
                         ignore_names=lambda key: key.startswith(_ITERATOR_KEYS))
-    train_iter.seek(updater.iteration)
+    train_iter.seek(updater.iteration * updater.accumulate)
     written_by = updater.checkpoint_world_size
     ranks = (f'; same number of ranks ({world.size})' if written_by == world.size else
              f'; it was written by {written_by} rank(s) and continues on {world.size}, so the '
@@ -439,7 +449,7 @@ def _is_last_iteration(config: TrainConfig):
 def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world,
                     watchdog, run_id: str) -> checkpoint.Checkpointer:
     """Every extension of a run; returns the checkpointer (its manifest gets the lineage)."""
-    per_epoch = max(1, -(-n_train // config.batchsize))
+    per_epoch = max(1, -(-n_train // (config.batchsize * config.accumulate)))
     if config.eval_interval is not None:
         report_trigger = (config.eval_interval, 'iteration')
     elif config.iterations is not None:
@@ -464,7 +474,7 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         return checkpointer
     log_report = extensions.LogReport(trigger=report_trigger)
     trainer.extend(log_report)
-    for extension, name in IterationTimer(config.batchsize * world.size,
+    for extension, name in IterationTimer(config.batchsize * config.accumulate * world.size,
                                           report_trigger).extensions():
         trainer.extend(extension, name=name)
     if config.tensorboard:
@@ -477,16 +487,19 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         + ['validation/main/accuracy_all', 'elapsed_time']))
     if config.progress:
         trainer.extend(extensions.ProgressBar(update_interval=10))
-    if config.plot and extensions.PlotReport.available():
-        plots = {'loss.png': ['main/loss', 'validation/main/loss'],
-                 'accuracy_all.png': ['main/accuracy_all', 'validation/main/accuracy_all']}
+    rates = RateObserver(trainer.updater.get_all_optimizers())
+    trainer.extend(rates, trigger=report_trigger)
+    if config.plot and plots.available():
+        figures = {'loss.png': ['main/loss', 'validation/main/loss'],
+                   'accuracy_all.png': ['main/accuracy_all', 'validation/main/accuracy_all']}
         for name in net.head_names:
             for what in ('loss', 'accuracy') if name in with_acc else ('loss',):
-                plots[f'{name}_{what}.png'] = [f'main/{name}/{what}',
-                                               f'validation/main/{name}/{what}']
-        for filename, keys in plots.items():
-            trainer.extend(extensions.PlotReport(keys, x_key=report_trigger[1],
-                                                 trigger=report_trigger, filename=filename))
+                figures[f'{name}_{what}.png'] = [f'main/{name}/{what}',
+                                                 f'validation/main/{name}/{what}']
+        if rates.keys:
+            figures['lr.png'] = rates.keys
+        trainer.extend(plots.LogPlots(log_report, figures, x_key=report_trigger[1],
+                                      log=_stderr_log), trigger=report_trigger)
     return checkpointer
 
 

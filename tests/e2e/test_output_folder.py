@@ -73,18 +73,24 @@ def test_a_second_run_on_the_same_folder_stops_at_once_naming_the_first(tmp_path
 
 def test_a_run_resumed_from_an_older_checkpoint_keeps_its_own_and_sets_the_newer_aside(
         tmp_path):
+    # A constant rate after the warm-up: the first 100 iterations of a 300-iteration run are
+    # then those of a 200-iteration one (a decay to the end would differ).
+    def constant_rate(out, *args):
+        return train(out, '--lr-decay', 'constant', *args)
     ref = tmp_path / 'ref'
-    code, out = finish(start(train(ref, '--iterations', 200, '--eval-interval', 50)), 300)
+    code, out = finish(start(constant_rate(ref, '--iterations', 200, '--eval-interval', 50)),
+                       300)
     assert code == 0, out[-3000:]
     old = tmp_path / 'run'
-    code, out = finish(start(train(old, '--iterations', 300, '--eval-interval', 50,
+    code, out = finish(start(constant_rate(old, '--iterations', 300, '--eval-interval', 50,
                                    '--checkpoint-interval', 100)), 300)
     assert code == 0 and list_checkpoints(str(old)) == [300, 200, 100]
     (old / 'result.json').unlink()
     # Back to iteration 100, keeping one checkpoint: the newer ones of the abandoned run
     # are set aside; the resumed run's own checkpoints are the ones kept. It crashes at 160.
-    job = start(train(old, '--iterations', 200, '--eval-interval', 50, '--checkpoint-interval',
-                      50, '--keep-checkpoints', 1, '--resume', old / 'checkpoint_iter_100.npz'))
+    job = start(constant_rate(old, '--iterations', 200, '--eval-interval', 50,
+                              '--checkpoint-interval', 50, '--keep-checkpoints', 1,
+                              '--resume', old / 'checkpoint_iter_100.npz'))
     wait_for(old / 'checkpoint_iter_150.json', job, timeout=300)
     deadline = time.monotonic() + 60  # rotation follows the manifest
     while list_checkpoints(str(old)) != [150] and time.monotonic() < deadline:
@@ -96,7 +102,7 @@ def test_a_run_resumed_from_an_older_checkpoint_keeps_its_own_and_sets_the_newer
     assert sorted(p.name for p in aside.iterdir() if p.suffix == '.npz') == [
         'checkpoint_iter_200.npz', 'checkpoint_iter_300.npz']
     # After the crash, --resume auto continues the resumed run, not the abandoned one.
-    code, out = finish(start(train(old, '--iterations', 200, '--eval-interval', 50,
+    code, out = finish(start(constant_rate(old, '--iterations', 200, '--eval-interval', 50,
                                    '--checkpoint-interval', 50, '--resume', 'auto')), 300)
     assert code == 0, out[-3000:]
     assert f'resumed from {old}/checkpoint_iter_150.npz at iteration 150' in out

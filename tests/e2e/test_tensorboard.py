@@ -59,7 +59,8 @@ def test_every_number_of_the_log_is_a_scalar_tagged_metric_first(tmp_path):
                                                     'samples/accuracy_all'}
     assert set(runs['train']) == set(heads) | {
         'loss/total', 'accuracy/all_heads', 'time/iteration_s', 'time/samples_per_s',
-        'time/elapsed_s', 'progress/epoch', 'user/iteration_squared'}
+        'time/elapsed_s', 'progress/epoch', 'user/iteration_squared',
+        'lr/base', 'lr/head0', 'lr/head1', 'lr/head2'}
     assert [step for step, _ in runs['train']['loss/head0']] == [10, 20, 30]
     # the user's value is the mean over each interval of ten iterations
     assert runs['train']['user/iteration_squared'][0][1] == pytest.approx(

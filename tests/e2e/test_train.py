@@ -23,25 +23,32 @@ def read_json(path):
 
 
 @pytest.mark.slow
-def test_default_run_reaches_95_percent_on_every_head(tmp_path):
+def test_default_run_reaches_98_percent_on_every_head(tmp_path):
+    # The default recipe (BatchNormCNN, warm-up and cosine decay, 4 epochs) measured 0.991 /
+    # 0.993 / 0.989 and 0.973 for all heads (docs/benchmarks.md); the previous default reached
+    # 0.976 / 0.962 / 0.968 and 0.908, which these bars reject.
     out = tmp_path / 'run'
     proc = run_cli(['train', '--out', out, '--no-progress'])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = read_json(out / 'result.json')
-    assert result['iterations'] == 750 and result['config']['heads'] == 3
+    assert result['iterations'] == 375 and result['config']['heads'] == 3
     for i in range(3):
-        assert result['test'][f'head{i}/accuracy'] >= 0.95, result['test']
+        assert result['test'][f'head{i}/accuracy'] >= 0.98, result['test']
+    assert result['test']['accuracy_all'] >= 0.95, result['test']
     assert result['test']['samples'] == 1000
     assert 'test accuracy: head0 ' in proc.stderr and 'all heads' in proc.stderr
     files = set(os.listdir(out))
-    assert {'log', 'model.npz', 'result.json', 'loss.png', 'accuracy_all.png'} <= files
+    assert {'log', 'model.npz', 'result.json', 'loss.png', 'accuracy_all.png', 'lr.png'} <= files
     assert {f'head{i}_{w}.png' for i in range(3) for w in ('loss', 'accuracy')} <= files
     # Every 200 iterations and at the end, the newest 3 kept, each with its manifest.
-    assert {f'checkpoint_iter_{i}.{ext}' for i in (400, 600, 750) for ext in ('npz', 'json')} \
+    assert {f'checkpoint_iter_{i}.{ext}' for i in (200, 375) for ext in ('npz', 'json')} \
         == {name for name in files if name.startswith('checkpoint_')}
     log = read_json(out / 'log')
-    assert len(log) == 8 and 'validation/main/head2/accuracy' in log[-1]
+    assert len(log) == 4 and 'validation/main/head2/accuracy' in log[-1]
     assert log[-1]['validation/main/head2/accuracy'] == result['test']['head2/accuracy']
+    # The first entry (epoch 1 = iteration 94) holds the rate of update 93: 43 updates into
+    # the cosine over 375 - 50 updates after the 50 of warm-up.
+    assert log[0]['lr/base'] == pytest.approx(0.5 * 2e-3 * (1 + np.cos(np.pi * 43 / 325)))
     with np.load(out / 'model.npz') as npz:
         roots = {name.split('/')[0] for name in npz.files}
     assert roots == {'base', 'head0', 'head1', 'head2'}

@@ -154,3 +154,20 @@ def test_train_leaves_identical_parameters_and_results_on_every_rank():
         assert net_digest and os.path.exists(os.path.join(out, 'result.json'))
     assert result['world_size'] == WORLD.size
     assert result['global_batchsize'] == 8 * WORLD.size
+
+
+def test_every_rank_evaluates_with_rank_0s_running_statistics():
+    import chainer.links as L
+    from distmulti.models import MultiHeadNet
+    # A BatchNorm base whose running statistics differ on every rank, as after training on
+    # each rank's own batches without --sync-bn.
+    base = chainer.Sequential(L.Linear(8 * 24, 16), L.BatchNormalization(16))
+    net = MultiHeadNet(base, [L.Linear(16, 10) for _ in range(3)])
+    x, y = small_batch(3, n=12)
+    net.initialize(x[:1])
+    bn = base[1]
+    bn.avg_mean[...] = WORLD.rank + 1.0
+    bn.N = 10 + WORLD.rank
+    it = SerialIterator(TupleDataset(x, y), 5, repeat=False, shuffle=False)
+    MultiHeadEvaluator(it, net, comm=WORLD).evaluate()                   # collective
+    assert np.all(bn.avg_mean == 1.0) and bn.N == 10

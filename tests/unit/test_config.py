@@ -8,10 +8,12 @@ from distmulti.config import TrainConfig, normalize_device
 from distmulti.errors import ConfigError
 
 
-def test_defaults_are_valid_and_train_three_heads_for_eight_epochs():
+def test_defaults_are_valid_and_train_three_heads_for_four_epochs_with_warmup_and_cosine():
     config = TrainConfig().validate()
-    assert config.heads == 3 and config.stop_trigger == (8, 'epoch')
+    assert config.heads == 3 and config.stop_trigger == (4, 'epoch')
     assert config.optimizer_names == ['base', 'head0', 'head1', 'head2']
+    assert (config.lr, config.warmup, config.lr_decay, config.accumulate) == (
+        2e-3, 50, 'cosine', 1)
 
 
 @pytest.mark.parametrize('spec,expected', [
@@ -35,6 +37,34 @@ def test_device_specs_in_chainer_example_style(spec, expected):
     ({'optimizers': {'head7': {'lr': 0.1}}}, "optimizers has an entry for 'head7'"),
     ({'optimizers': {'head0': {'rate': 0.1}}}, "optimizers['head0'] must be a mapping"),
     ({'epoch': 0}, 'epoch must be an integer >= 1, got 0'),
+    ({'warmup': -1}, 'warmup must be an integer >= 0, got -1'),
+    ({'lr_decay': 'linear'}, "lr_decay must be one of constant, step, exponential, cosine, "
+                             "got 'linear'"),
+    ({'lr_decay': 'step'}, 'lr_decay step needs lr_step (iterations per factor lr_gamma), '
+                           'which is not set'),
+    ({'lr_floor': 1.5}, 'lr_floor is a fraction of the peak rate and must be between 0 and 1, '
+                        'got 1.5'),
+    ({'lr_gamma': 0}, 'lr_gamma must be a finite number > 0, got 0'),
+    ({'weight_decay': -0.1}, 'weight_decay must be >= 0, got -0.1'),
+    ({'grad_clip': 0}, 'grad_clip must be a finite number > 0, got 0'),
+    ({'accumulate': 0}, 'accumulate must be an integer >= 1, got 0'),
+    ({'lr_scaling': 'sqrt'}, "lr_scaling must be one of none, linear, got 'sqrt'"),
+    ({'lr_reference_batch': 0}, 'lr_reference_batch must be an integer >= 1, got 0'),
+    ({'optimizers': {'head1': {'lr_decay': 'exponential'}}},
+     "optimizers['head1'].lr_decay exponential needs lr_step"),
+    ({'optimizers': {'base': {'warmup': 2.5}}},
+     "optimizers['base'].warmup must be an integer >= 0, got 2.5"),
+    ({'optimizers': {'head0': {'momentum': 0.9}}},
+     "optimizers['head0'] must be a mapping with keys type and/or lr and/or warmup"),
+    ({'grad_dtype': 'bfloat16'}, "grad_dtype must be one of float32, float16, got 'bfloat16'"),
+    ({'grad_dtype': 'float16'}, "grad_dtype float16 needs GPUs: only ChainerMN's pure_nccl "
+                                "communicator exchanges float16, and on the CPU its naive "
+                                "communicator exchanges float32 only; this run is on the CPU "
+                                "(device @numpy)"),
+    ({'grad_dtype': 'float16', 'device': '@cupy:0', 'communicator': 'non_cuda_aware'},
+     "grad_dtype float16 needs the pure_nccl communicator (ChainerMN's non_cuda_aware exchanges "
+     "float32 only)"),
+    ({'sync_bn': 'yes'}, "sync_bn must be true or false, got 'yes'"),
 ])
 def test_each_bad_value_gets_a_sentence_naming_it(values, message):
     with pytest.raises(ConfigError) as info:
@@ -57,8 +87,25 @@ def test_yaml_file_then_flags_override(tmp_path):
     assert (config.heads, config.batchsize, config.checkpoint_interval) == (4, 16, 50)
     # A flag for one length replaces the file's other length.
     assert config.iterations == 100 and config.epoch is None
-    assert config.optimizer_spec('head0') == {'type': 'momentum_sgd', 'lr': 0.01}
-    assert config.optimizer_spec('base') == {'type': 'adam', 'lr': 1e-3}
+    assert config.optimizer_spec('head0')['type'] == 'momentum_sgd'
+    assert config.optimizer_spec('head0')['lr'] == 0.01
+    assert (config.optimizer_spec('base')['type'], config.optimizer_spec('base')['lr']) == (
+        'adam', 2e-3)
+
+
+def test_per_part_schedule_and_regularisation_override_the_flags(tmp_path):
+    path = tmp_path / 'run.yaml'
+    path.write_text('weight_decay: 0.0001\nlr_decay: step\nlr_step: 100\n'
+                    'optimizers:\n  head1: {lr_decay: cosine, warmup: 0, grad_clip: 5.0}\n'
+                    '  base: {lr_gamma: 0.5, lr_floor: 0.1, weight_decay: 0}\n')
+    config = config_from_args(parse_args(['train', '-c', str(path), '--warmup', '20',
+                                          '--grad-clip', '1']))
+    head1, base, head0 = (config.optimizer_spec(n) for n in ('head1', 'base', 'head0'))
+    assert (head1['lr_decay'], head1['warmup'], head1['grad_clip'], head1['lr_step']) == (
+        'cosine', 0, 5.0, 100)
+    assert (base['lr_gamma'], base['lr_floor'], base['weight_decay'], base['warmup']) == (
+        0.5, 0.1, 0, 20)
+    assert (head0['lr_decay'], head0['weight_decay'], head0['grad_clip']) == ('step', 1e-4, 1.0)
 
 
 def test_yaml_errors_name_the_file(tmp_path):
