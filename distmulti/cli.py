@@ -361,12 +361,25 @@ def _fail(error: DistmultiError) -> int:
         print(f'distmulti: {message}', file=sys.stderr, flush=True)
     if several:
         if error.collective:
+            # Every rank leaves with `code` (after a stop the checkpoint is already written).
+            # The first rank to exit makes srun -K or mpiexec end the others with SIGTERM,
+            # which must not turn their status into 143; SIGKILL still ends a stuck rank.
+            _ignore_stop_signals()
             world.mpi.Barrier()
             from mpi4py import MPI
             MPI.Finalize()  # so that mpi4py does not turn this exit status into MPI_Abort
         else:
             world.abort(code)
     return code
+
+
+def _ignore_stop_signals() -> None:
+    import signal
+    import threading
+    from distmulti.stopping import STOP_SIGNALS
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

