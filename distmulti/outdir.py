@@ -110,28 +110,16 @@ class OutputLock:
         raise OutputError(f'could not take the lock {self.path}: other runs keep taking it')
 
     def _take_over_or_refuse(self) -> None:
-        out = os.path.dirname(self.path)
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
+        fd = _open_existing(self.path)
+        if fd is None:
             return  # released meanwhile: try again
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                flock_free = True
-            except OSError:
-                flock_free = False
-            holder = read_lock(out)
-            try:
-                age = self._clock() - os.fstat(fd).st_mtime
-            except OSError:
-                age = 0.0
-            why = stale_reason(holder, self.record, age, flock_free, LOCK_STALE_S)
+            # An exclusive flock held from here: a second process judging the same lock at
+            # the same time sees it held and backs off while this one unlinks it.
+            holder, why = _judge(self.path, fd, fcntl.LOCK_EX, self.record, self._clock)
             if why is None:
-                raise OutputError(busy_message(out, holder))
+                raise OutputError(busy_message(os.path.dirname(self.path), holder))
             self._log(f'taking over the lock {self.path}: {why}')
-            # Unlinked while this process holds the old file's flock, so a second process
-            # judging the same lock at the same time sees it held and backs off.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
         finally:
@@ -219,24 +207,38 @@ def in_use_by_other(out: str, job: Optional[str], clock: Callable[[], float] = t
                     ) -> Optional[str]:
     """The message for a live lock of another job on ``out``, or None (changes nothing)."""
     path = os.path.join(out, LOCK_FILE)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+    fd = _open_existing(path)
+    if fd is None:
         return None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            flock_free = True
-        except OSError:
-            flock_free = False
-        age = clock() - os.fstat(fd).st_mtime
+        me = {'job_id': job, 'host': socket.gethostname(), 'boot_id': _boot_id()}
+        holder, why = _judge(path, fd, fcntl.LOCK_SH, me, clock)
     finally:
         os.close(fd)
-    holder = read_lock(out)
-    me = {'job_id': job, 'host': socket.gethostname(), 'boot_id': _boot_id()}
-    if stale_reason(holder, me, age, flock_free, LOCK_STALE_S) is not None:
+    return None if why is not None else busy_message(out, holder)
+
+
+def _open_existing(path: str) -> Optional[int]:
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError:
         return None
-    return busy_message(out, holder)
+
+
+def _judge(path: str, fd: int, mode: int, me: dict, clock: Callable[[], float]):
+    """(holder's record, why the lock may be taken over or None) for the lock open as ``fd``;
+    tries ``flock(mode)`` on it (kept until ``fd`` is closed)."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        flock_free = True
+    except OSError:
+        flock_free = False
+    holder = read_lock(os.path.dirname(path))
+    try:
+        age = clock() - os.fstat(fd).st_mtime
+    except OSError:
+        age = 0.0
+    return holder, stale_reason(holder, me, age, flock_free, LOCK_STALE_S)
 
 
 def remove_stale_tmp(out: str, log: Callable[[str], None]) -> List[str]:

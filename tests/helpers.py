@@ -111,18 +111,35 @@ def wait_for(path, proc, timeout):
         time.sleep(0.02)
 
 
-def rank_pids(out_dir):
-    """PIDs of the python rank processes (not mpiexec) training into ``out_dir``."""
-    pids = []
-    for pid in os.listdir('/proc'):
-        if not pid.isdigit():
+#: The variables by which launchers tell a process its rank (Open MPI, PMIx, PMI, Slurm).
+RANK_VARS = ('OMPI_COMM_WORLD_RANK', 'PMIX_RANK', 'PMI_RANK', 'SLURM_PROCID')
+
+
+def rank_processes(token):
+    """{rank: pid} of the Python processes started as MPI ranks (or Slurm tasks) whose
+    command line has an argument containing ``token`` (e.g. the run's --out folder)."""
+    ranks = {}
+    for entry in os.listdir('/proc'):
+        if not entry.isdigit():
             continue
         try:
-            with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                argv = f.read().split(b'\0')
-        except OSError:
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                argv = f.read().decode(errors='replace').split('\0')
+            if not (os.path.basename(argv[0]).startswith('python')
+                    and any(token in arg for arg in argv)):
+                continue
+            with open(f'/proc/{entry}/environ', 'rb') as f:
+                env = dict(item.split('=', 1) for item in
+                           f.read().decode(errors='replace').split('\0') if '=' in item)
+        except OSError:  # the process ended meanwhile
             continue
-        if (argv and os.path.basename(argv[0]).startswith(b'python') and b'train' in argv
-                and str(out_dir).encode() in argv):
-            pids.append(int(pid))
-    return sorted(pids)
+        rank = next((env[v] for v in RANK_VARS if v in env), None)
+        if rank is not None and rank.isdigit():
+            ranks[int(rank)] = int(entry)
+    return ranks
+
+
+def rank_pids(out_dir):
+    """PIDs of the rank processes training into ``out_dir``, in rank order."""
+    ranks = rank_processes(str(out_dir))
+    return [ranks[r] for r in sorted(ranks)]

@@ -29,7 +29,7 @@ import yaml
 
 from distmulti import cli, launcher as supervisor
 from tests.deploy import k8s_rules
-from tests.helpers import ROOT
+from tests.helpers import ROOT, rank_processes
 
 pytestmark = pytest.mark.deploy
 
@@ -495,26 +495,6 @@ def _kill_processes_mentioning(token):
                 pass
 
 
-def _rank_pids(token):
-    """{rank: pid} of the Python rank processes whose command line contains ``token``."""
-    ranks = {}
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f'/proc/{entry}/cmdline', 'rb') as f:
-                argv = f.read().decode(errors='replace').split('\0')
-            with open(f'/proc/{entry}/environ', 'rb') as f:
-                env = dict(i.split('=', 1) for i in f.read().decode(errors='replace')
-                           .split('\0') if '=' in i)
-        except OSError:
-            continue
-        if (os.path.basename(argv[0]).startswith('python') and 'train' in argv
-                and any(token in a for a in argv) and 'OMPI_COMM_WORLD_RANK' in env):
-            ranks[int(env['OMPI_COMM_WORLD_RANK'])] = int(entry)
-    return ranks
-
-
 def _wait_for(path, proc, timeout=TIMEOUT):
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -560,7 +540,7 @@ def test_launcher_script_restarts_after_a_lost_rank_and_resumes(tmp_path):
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(tmp_path / 'out' / 'checkpoint_iter_10.json', proc)
-        ranks = _rank_pids(str(tmp_path))
+        ranks = rank_processes(str(tmp_path))
         assert sorted(ranks) == [0, 1], ranks
         os.kill(ranks[1], signal.SIGKILL)
         text, _ = proc.communicate(timeout=TIMEOUT)
@@ -583,7 +563,7 @@ def test_launcher_script_stops_at_a_checkpoint_on_sigterm_and_the_next_one_resum
         _wait_for(tmp_path / 'out' / 'log', proc)
         os.kill(proc.pid, signal.SIGTERM)
         text, _ = proc.communicate(timeout=TIMEOUT)
-        ranks_left = _rank_pids(str(tmp_path))
+        ranks_left = rank_processes(str(tmp_path))
     finally:
         proc.kill()
         _kill_processes_mentioning(str(tmp_path))

@@ -27,7 +27,7 @@ import pytest
 
 from tests.deploy import paced_model
 from tests.deploy.slurm import SlurmCluster, missing_reason
-from tests.helpers import ROOT, mpiexec, sha256, start
+from tests.helpers import ROOT, mpiexec, rank_processes, sha256, start
 
 pytestmark = pytest.mark.deploy
 
@@ -41,7 +41,6 @@ CPU_JOB = ['--nodes=1', '--ntasks-per-node=2', '--cpus-per-task=1', '--gpus-per-
            f'--time={TIME_LIMIT_S // 60}']
 JOB_TIMEOUT = 180        # generous for a loaded CI machine; a quick job takes ~5 s here
 FAIL_WITHIN_S = 60       # after a rank is killed, the job must be over within this
-RANK_VARS = ('OMPI_COMM_WORLD_RANK', 'PMIX_RANK', 'PMI_RANK', 'SLURM_PROCID')
 
 
 def _require(cluster, launcher):
@@ -101,29 +100,6 @@ def _read(path):
     return path.read_text(errors='replace') if path.exists() else '(no output file)'
 
 
-def _rank_processes(out_dir):
-    """{rank: pid} of the Python rank processes training into ``out_dir``."""
-    ranks = {}
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f'/proc/{entry}/cmdline', 'rb') as f:
-                argv = f.read().decode(errors='replace').split('\0')
-            if not (os.path.basename(argv[0]).startswith('python') and 'distmulti' in argv
-                    and str(out_dir) in argv):
-                continue
-            with open(f'/proc/{entry}/environ', 'rb') as f:
-                env = dict(item.split('=', 1) for item in
-                           f.read().decode(errors='replace').split('\0') if '=' in item)
-        except OSError:  # the process ended meanwhile
-            continue
-        rank = next((env[v] for v in RANK_VARS if v in env), None)
-        if rank is not None:
-            ranks[int(rank)] = int(entry)
-    return ranks
-
-
 def _alive(pid):
     try:
         with open(f'/proc/{pid}/stat') as f:
@@ -171,7 +147,7 @@ def test_a_killed_rank_fails_the_job_promptly(cluster, tmp_path, launcher):
             assert state == 'RUNNING', f'job ended ({state}) before training:\n{_read(log)}'
             assert time.monotonic() < deadline, f'no training log yet:\n{_read(log)}'
             time.sleep(0.2)
-        ranks = _rank_processes(out_dir)
+        ranks = rank_processes(str(out_dir))
         assert sorted(ranks) == [0, 1], f'rank processes found: {ranks}'
         os.kill(ranks[1], signal.SIGKILL)
         killed = time.monotonic()
@@ -293,7 +269,7 @@ def _check_resumed_run(cluster, job_id, job, out_dir, output, stops, signame):
     assert result['job_id'] == f'slurm-{job_id}'
     assert f'completed: {result["iterations"]} iterations on 2 rank(s) (run ' \
            f'slurm-{job_id}-{stops})' in output
-    assert _rank_processes(out_dir) == {}, 'rank processes outlived the job'
+    assert rank_processes(str(out_dir)) == {}, 'rank processes outlived the job'
     return [int(it) for _, it, _ in stopped]
 
 
@@ -422,7 +398,7 @@ def test_a_cancelled_job_stops_at_a_checkpoint_and_stays_cancelled(cluster, tmp_
     ((sig, iteration, path),) = STOPPED.findall(output)
     assert sig == 'SIGTERM' and os.path.exists(path), output[-4000:]
     assert not (out_dir / 'result.json').exists()
-    assert _rank_processes(out_dir) == {}
+    assert rank_processes(str(out_dir)) == {}
 
 
 @pytest.mark.skipif(shutil.which('shellcheck') is None,

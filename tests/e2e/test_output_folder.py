@@ -5,7 +5,6 @@ and files are checked, and no user error may print a traceback or an MPI abort b
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -3,14 +3,13 @@ processes standing in for mpiexec: signal forwarding, the grace period, stale he
 leftover processes. The whole path through mpiexec is in tests/e2e/test_signals.py."""
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from distmulti.launcher import (Decision, Supervisor, decide, kill_leftovers, restart_args,
+from distmulti.launcher import (Supervisor, decide, kill_leftovers, restart_args,
                                 supervise)
 from distmulti.runfiles import EXIT_STOPPED, EXIT_USAGE
 
