@@ -18,7 +18,7 @@ COMMUNICATORS = ('auto', 'naive', 'pure_nccl', 'flat', 'non_cuda_aware')
 OPTIMIZER_KEYS = ('type', 'lr')
 _DEVICE_RE = re.compile(r'^@cupy:(\d+)$')
 _MODEL_RE = re.compile(r'^[A-Za-z_][\w.]*:[A-Za-z_]\w*$')
-DATASET_KINDS = ('npz', 'csv')
+DATASET_KINDS = ('npz', 'npy', 'csv')
 
 
 def option(default: Any = None, help: str = '', *, factory: Optional[Callable[[], Any]] = None,
@@ -123,15 +123,29 @@ class TrainConfig:
                                         'MultiHeadNet', metavar='PACKAGE.MODULE:FACTORY',
                                   show_default=False)
     dataset: Optional[str] = option(None, 'your data (default: the embedded digit strips)',
-                                    metavar='npz:PATH|csv:PATH', show_default=False)
+                                    metavar='npz:PATH|npy:DIR|csv:PATH', show_default=False)
     test_dataset: Optional[str] = option(None, 'test data (default: a seeded --test-fraction '
-                                               'of --dataset)', metavar='npz:PATH|csv:PATH',
+                                               'of --dataset)',
+                                         metavar='npz:PATH|npy:DIR|csv:PATH',
                                          show_default=False)
     test_fraction: float = option(0.2, 'share of --dataset held out for testing')
     train_size: int = option(6000, 'embedded training strips')
     test_size: int = option(1000, 'embedded test strips')
     progress: bool = option(True, 'progress bar', resume_free=True)
     plot: bool = option(True, 'PNG plots of the log', resume_free=True)
+
+    # -- data loading (sharded, lazy)
+    loader_workers: Optional[int] = option(
+        None, 'processes per rank that read and decode samples ahead of training; 0 reads '
+              'them in the training process (default: 0 for in-memory data, else from the '
+              'cores per rank, 1 to 8)', metavar='N', resume_free=True, show_default=False)
+    eval_batchsize: Optional[int] = option(
+        None, 'evaluation batch per rank (default: the training batch, or more while one '
+              'batch of inputs stays under 4 MiB; at most 500)', metavar='N',
+        resume_free=True, show_default=False)
+    image_size: Optional[str] = option(
+        None, 'csv: datasets: resize every image to WIDTHxHEIGHT (default: every image must '
+              'have the size of the first)', metavar='WxH', show_default=False)
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -284,7 +298,7 @@ class TrainConfig:
             if spec is not None and (not isinstance(spec, str)
                                      or spec.split(':', 1)[0] not in DATASET_KINDS
                                      or ':' not in spec):
-                raise ConfigError(f'{key} must be npz:PATH or csv:PATH, got {spec!r}')
+                raise ConfigError(f'{key} must be npz:PATH, npy:DIR or csv:PATH, got {spec!r}')
         if self.test_dataset is not None and self.dataset is None:
             raise ConfigError('test_dataset needs dataset (the training data) too')
         if (not isinstance(self.test_fraction, (int, float)) or isinstance(self.test_fraction, bool)
@@ -296,6 +310,17 @@ class TrainConfig:
         for flag in ('progress', 'plot'):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f'{flag} must be true or false, got {getattr(self, flag)!r}')
+        # -- data loading (sharded, lazy)
+        if self.loader_workers is not None:
+            _check_int('loader_workers', self.loader_workers, minimum=0)
+        if self.eval_batchsize is not None:
+            _check_int('eval_batchsize', self.eval_batchsize, minimum=1)
+        if self.image_size is not None:
+            from distmulti.csvdata import parse_image_size
+            try:
+                parse_image_size(self.image_size)
+            except ValueError as e:
+                raise ConfigError(f'image_size: {e}') from None
         return self
 
 

@@ -32,3 +32,7 @@ class DeviceError(DistmultiError, RuntimeError):
 
 class NonFiniteLossError(DistmultiError, FloatingPointError):
     """A head's loss became NaN or infinite; training stopped before the update."""
+
+
+class SampleError(DataError):
+    """A sample could not be read, or what was read is not valid (names the file or row)."""

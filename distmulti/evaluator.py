@@ -4,6 +4,11 @@ Chainer's Evaluator averages per-batch means, which over-weights a short last ba
 sums per-head correct counts, labelled-sample counts and loss x count over every batch, then
 reduces the sums across ranks (``comm.allreduce_sum``) before dividing, so the numbers are the
 exact global ones whatever the batch or shard sizes.
+
+A sample that cannot be read on one rank (``SampleError``) ends that rank's pass; the same
+all-reduce carries a "failed" count, so every rank then raises the same error instead of
+waiting for the failed one. The result of the last evaluation a trainer triggered is kept
+(``result_at``), so that a final evaluation at the same iteration is not run twice.
 """
 import copy
 
@@ -14,6 +19,8 @@ from chainer.dataset import convert
 from chainer.training import extensions
 
 from distmulti.comm import LocalComm
+from distmulti.errors import SampleError
+from distmulti.loader import raise_if_any_failed
 from distmulti.metrics import Layout, batch_stats, summarize
 
 
@@ -28,6 +35,19 @@ class MultiHeadEvaluator(extensions.Evaluator):
         self.comm = comm or LocalComm()
         self.loss_weights = [1.0] * net.n_heads if loss_weights is None else list(loss_weights)
         self.heartbeat = None  # called after every batch (see distmulti.watchdog)
+        self._last = None      # (iteration, result) of the last evaluation a trainer triggered
+
+    def __call__(self, trainer=None):
+        result = super().__call__(trainer)
+        if trainer is not None:
+            self._last = (trainer.updater.iteration, result)
+        return result
+
+    def result_at(self, iteration: int):
+        """The result of the evaluation a trainer triggered at ``iteration``, else None."""
+        if self._last is not None and self._last[0] == iteration:
+            return self._last[1]
+        return None
 
     def evaluate(self):
         net = self.get_target('main')
@@ -37,15 +57,27 @@ class MultiHeadEvaluator(extensions.Evaluator):
             it = iterator
         else:
             it = copy.copy(iterator)
-        totals = np.zeros(Layout(net.n_heads).size)
+        totals = np.zeros(Layout(net.n_heads).size + 1)  # + the count of failed ranks
+        error = None
         with chainer.using_config('train', False), chainer.no_backprop_mode():
-            for batch in it:
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                except SampleError as e:  # this rank stops; the all-reduce tells the others
+                    error, totals[-1] = e, 1
+                    if hasattr(it, 'stop'):
+                        it.stop()
+                    break
                 x, t = self.converter(batch, self.device)
-                totals += batch_stats(net.head_outputs(x, t), t)
+                totals[:-1] += batch_stats(net.head_outputs(x, t), t)
                 if self.heartbeat is not None:
                     self.heartbeat()
         # The one collective of an evaluation: every rank reaches it once, whatever its shard.
         totals = self.comm.allreduce_sum(totals)
+        raise_if_any_failed(self.comm, totals[-1], error)                  # collective
+        totals = totals[:-1]
         result = summarize(totals, self.loss_weights, f'{self.name}/main/', net.head_names)
         result[f'{self.name}/main/samples'] = float(totals[-1])
         return result

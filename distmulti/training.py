@@ -16,7 +16,6 @@ import numpy as np
 
 import chainer
 from chainer import training
-from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
 from distmulti import checkpoint, errors
@@ -25,17 +24,19 @@ from distmulti._version import __version__
 from distmulti.comm import create_world, rank_device_spec, resolve_device
 from distmulti.watchdog import Watchdog
 from distmulti.config import TrainConfig
-from distmulti.data import ShuffledIterator, check_label_shape, check_labels, digit_strips
-from distmulti.datasets import labels_array, load_dataset, split_dataset
+from distmulti.csvdata import parse_image_size
+from distmulti.data import check_label_shape, check_labels, digit_strips
+from distmulti.datasets import cheap_labels, in_memory, load_dataset, split_dataset
 from distmulti.errors import CheckpointError, ConfigError, DataError, DistmultiError
 from distmulti.evaluator import MultiHeadEvaluator
+from distmulti.iterators import EvalIterator, TrainIterator
+from distmulti.loader import Loader, SampleSpec, Source, read_example
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
+from distmulti.runstats import RunStats
+from distmulti.sampling import (cores_per_rank, default_eval_batchsize, default_loader_workers,
+                                shard_bounds)
 from distmulti.updater import MultiHeadUpdater
-
-EVAL_BATCHSIZE = 500
-# Iterator positions are recomputed from the iteration count on resume (see ShuffledIterator).
-_ITERATOR_KEYS = 'updater/iterator:'
 
 
 def _stderr_log(msg: str) -> None:
@@ -56,10 +57,12 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             ``config.heads`` is taken from the network.
         optimizers: ``{'base': opt, '<head>': opt, ...}`` (set up here if not yet), or a
             factory ``f(name, link) -> optimizer``; default: ``config.optimizer(s)``/``lr``.
-        train_data, test_data: datasets of (x, t) pairs, t of shape (K,); without
-            ``test_data`` a seeded ``config.test_fraction`` of ``train_data`` is held out.
-            Default: ``config.dataset`` or the embedded digit strips. Under MPI only rank 0's
-            are used (others may pass None).
+        train_data, test_data: datasets of (x, t) pairs (any Chainer dataset, lazy ones
+            included), x float32, t int32 of shape (K,); without ``test_data`` a seeded
+            ``config.test_fraction`` of ``train_data`` is held out. Default:
+            ``config.dataset`` or the embedded digit strips. Under MPI every rank passes the
+            same datasets and reads only its own samples of them (nothing is sent between
+            ranks); ``config.loader_workers`` processes per rank read them ahead.
         comm: the process group (default: MPI.COMM_WORLD under mpiexec, else one process).
         log: where one-line messages go (default: stderr).
     """
@@ -80,41 +83,51 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
     device = resolve_device(rank_device_spec(config.device, world))
     _seed_everything(config.seed, device)
 
-    train_data, test_data, sources = _on_root(
-        world, lambda: _load_data(config, train_data, test_data), (None, None, []))  # collective
-    full_train, full_test = train_data, test_data
-    if world.size > 1:                                                  # collective
-        import chainermn
-        train_data = chainermn.scatter_dataset(train_data, world.mn, shuffle=True,
-                                               seed=config.seed)
-        test_data = chainermn.scatter_dataset(test_data, world.mn, force_equal_length=False)
-        full_train, full_test = train_data._dataset, test_data._dataset
-    # From here every rank holds the same full datasets: the checks agree on every rank.
-    for name, data in (('training data', full_train), ('test data', full_test)):
-        if len(data) == 0:
+    stats = RunStats()
+    # Data: every rank opens the same datasets and reads only its own samples of them.
+    given = world.allgather_obj(train_data is not None)                 # collective
+    if len(set(given)) > 1:
+        missing = ', '.join(str(rank) for rank, ok in enumerate(given) if not ok)
+        raise ConfigError(f'train_data was not given on rank(s) {missing}; every rank must '
+                          f'pass the same datasets (each reads only its own samples of them, '
+                          f'nothing is sent between ranks)', collective=True)
+    train_data, test_data, sources, names = _on_every_rank(
+        world, lambda: _load_data(config, train_data, test_data))     # collective
+    n_train, n_test = _agree_on_lengths(world, train_data, test_data)  # collective
+    for name, n in (('training data', n_train), ('test data', n_test)):
+        if n == 0:
             raise DataError(f'the {name} is empty', collective=True)
-    if config.batchsize > len(train_data):
-        shard = (f'this rank\'s shard ({len(train_data)} of {len(full_train)} samples over '
-                 f'{world.size} ranks)' if world.size > 1
-                 else f'the training data ({len(train_data)} samples)')
-        raise ConfigError(f'batchsize {config.batchsize} is larger than {shard}; use at most '
-                          f'{len(train_data)}', collective=True)
+    if config.batchsize * world.size > n_train:
+        raise ConfigError(_batch_too_large(config.batchsize, world.size, n_train),
+                          collective=True)
 
-    _on_root(world, lambda: [check_label_shape(labels_array(data), net.n_heads, name)
-                             for data, name in sources], None)          # collective
+    _on_root(world, lambda: [check_label_shape(labels, net.n_heads, name)
+                             for labels, name in _cheap_sources(sources)], None)  # collective
+    first_x, first_t = _on_every_rank(
+        world, lambda: read_example(Source(train_data, names[0]), 0))  # collective
+    if cheap_labels(train_data) is None:
+        _on_every_rank(world, lambda: check_label_shape(first_t[None], net.n_heads,
+                                                        names[0]))     # collective
     net.to_device(device)
-    first_x, first_t = chainer.dataset.concat_examples([full_train[0]], device)
+    first = chainer.dataset.concat_examples([(first_x, first_t)], device)
     try:
-        classes = net.initialize(first_x, first_t)
+        classes = net.initialize(*first)
     except DataError as e:
         raise DataError(str(e), collective=True) from None
-    _on_root(world, lambda: [check_labels(labels_array(data), classes, name, net.head_names)
-                             for data, name in sources], None)          # collective
+    _on_root(world, lambda: [check_labels(labels, classes, name, net.head_names)
+                             for labels, name in _cheap_sources(sources)], None)  # collective
     optimizers = _make_optimizers(config, net, optimizers)
 
-    train_iter = ShuffledIterator(train_data, config.batchsize, seed=config.seed + world.rank)
-    test_iter = SerialIterator(test_data, max(config.batchsize, EVAL_BATCHSIZE),
-                               repeat=False, shuffle=False)
+    spec = SampleSpec(first_x.shape, classes, net.head_names)
+    workers = _loader_workers(config, world, (train_data, test_data))
+    loader = Loader({'train': Source(train_data, names[0], spec),
+                     'test': Source(test_data, names[1], spec)}, workers)
+    train_iter = TrainIterator(loader, 'train', n_train, config.batchsize,
+                               world_size=world.size, rank=world.rank, seed=config.seed)
+    eval_batch = config.eval_batchsize or default_eval_batchsize(first_x.nbytes,
+                                                                  config.batchsize)
+    test_iter = EvalIterator(loader, 'test', *shard_bounds(n_test, world.size, world.rank),
+                             eval_batch)
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
                                backward=config.backward, frozen=config.freeze, comm=world,
                                grad_sync=config.grad_sync, device=device)  # collective
@@ -130,20 +143,27 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
                                             if world.is_root else None))
         updater.heartbeat = watchdog.beat
         evaluator.heartbeat = watchdog.beat
-    _add_extensions(trainer, evaluator, config, len(train_data), world, watchdog)
+    _add_extensions(trainer, evaluator, config, n_train, world, watchdog)
+    trainer.extend(stats)
 
     if config.resume:
         _resume(trainer, updater, train_iter, config, world, root_log)  # collective
 
+    loader.start()  # forks the loader workers before the watchdog starts a thread
     if watchdog is not None:
         watchdog.start()
     start = time.perf_counter()
     try:
         trainer.run(show_loop_exception_msg=False)
-        final = evaluator.evaluate()                                    # collective
+        # The last report's evaluation when it ran at this iteration (the same on every
+        # rank), else one now.
+        final = evaluator.result_at(updater.iteration)
+        if final is None:
+            final = evaluator.evaluate()                                # collective
     finally:
         if watchdog is not None:
             watchdog.stop()
+        loader.close()
     wall = time.perf_counter() - start
     prefix = 'validation/main/'
     result = {
@@ -155,6 +175,8 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
         'network': network,
         'world_size': world.size,
         'global_batchsize': config.batchsize * world.size,
+        'train_samples_seen': train_iter.samples_seen,
+        'resources': stats.summary(world, config.batchsize * world.size),  # collective
         'version': __version__,
         'config': config.to_dict(),
     }
@@ -185,18 +207,78 @@ def _on_root(world, load, empty):
     return result
 
 
+def _on_every_rank(world, load):
+    """Runs ``load`` on every rank; a user error on any rank is raised on every rank alike."""
+    result, error = None, None
+    try:
+        result = load()
+    except DistmultiError as e:
+        error = (type(e).__name__, str(e))
+    found = world.allgather_obj(error)
+    for rank, error in enumerate(found):
+        if error is not None:
+            alike = all(other == error for other in found)
+            where = '' if world.size == 1 or alike else f' (on rank {rank})'
+            raise getattr(errors, error[0])(error[1] + where, collective=True)
+    return result
+
+
+def _agree_on_lengths(world, train_data, test_data):
+    """(n_train, n_test), the same on every rank, or a collective DataError."""
+    lengths = world.allgather_obj((len(train_data), len(test_data)))
+    if len(set(lengths)) > 1:
+        seen = '; '.join(f'rank {rank}: {n} training and {m} test samples'
+                         for rank, (n, m) in enumerate(lengths))
+        raise DataError(f'the ranks opened datasets of different lengths ({seen}); every rank '
+                        f'must open the same data (put it on a filesystem all hosts share)',
+                        collective=True)
+    return lengths[0]
+
+
+def _batch_too_large(batchsize: int, ranks: int, n: int) -> str:
+    if ranks == 1:
+        return (f'batchsize {batchsize} is larger than the training data ({n} samples); use '
+                f'at most {n}')
+    return (f'batchsize {batchsize} on {ranks} ranks (a global batch of {batchsize * ranks}) '
+            f'is larger than the training data ({n} samples); use at most {n // ranks} per '
+            f'rank, or fewer ranks')
+
+
+def _cheap_sources(sources):
+    """(labels, name) of the sources whose labels can be had without reading images; the
+    others' labels are checked sample by sample as they are read."""
+    found = []
+    for data, name in sources:
+        labels = cheap_labels(data)
+        if labels is not None:
+            found.append((labels, name))
+    return found
+
+
+def _loader_workers(config: TrainConfig, world, datasets) -> int:
+    """``config.loader_workers``, else 0 for in-memory data, else from the cores per rank."""
+    if config.loader_workers is not None:
+        return config.loader_workers
+    if all(in_memory(data) for data in datasets):
+        return 0
+    local_ranks = getattr(getattr(world, 'mn', None), 'intra_size', 1)
+    return default_loader_workers(cores_per_rank(local_ranks))
+
+
 def _load_data(config: TrainConfig, train_data, test_data):
-    """(train, test, sources) from the caller's datasets, ``config.dataset`` or the embedded
-    data; ``sources`` are the datasets as given or loaded, with the names errors use, so a bad
-    label is reported at its row in the user's file (before any split)."""
+    """(train, test, sources, names) from the caller's datasets, ``config.dataset`` or the
+    embedded data. ``sources`` are the datasets as given or opened, with the names errors use,
+    so a bad label is reported at its row in the user's file (before any split); ``names``
+    are the names of train and test."""
     if train_data is None and test_data is not None:
         raise ConfigError('test_data was given without train_data')
     names = ('training data', 'test data')
     if train_data is None and config.dataset:
-        train_data = load_dataset(config.dataset)
+        size = parse_image_size(config.image_size)
+        train_data = load_dataset(config.dataset, size)
         names = (config.dataset, 'test data')
         if config.test_dataset:
-            test_data = load_dataset(config.test_dataset)
+            test_data = load_dataset(config.test_dataset, size)
             names = (config.dataset, config.test_dataset)
     if train_data is None:
         train_split, test_split = digit_strips(config.heads, config.train_size,
@@ -204,8 +286,8 @@ def _load_data(config: TrainConfig, train_data, test_data):
         train_data, test_data = train_split.dataset(), test_split.dataset()
     if test_data is None:
         return split_dataset(train_data, config.test_fraction, config.seed) + (
-            [(train_data, names[0])],)
-    return train_data, test_data, [(train_data, names[0]), (test_data, names[1])]
+            [(train_data, names[0])], (names[0], names[0]))
+    return train_data, test_data, [(train_data, names[0]), (test_data, names[1])], names
 
 
 def load_model(spec: str) -> MultiHeadNet:
@@ -305,13 +387,14 @@ def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> No
                  f' on rank(s) {", ".join(map(str, missing))} (every rank reads it: put --out '
                  f'on a filesystem that all hosts share)')
         raise CheckpointError(f'checkpoint {path!r} does not exist{where}', collective=True)
-    checkpoint.load_npz(path, trainer,
-                        ignore_names=lambda key: key.startswith(_ITERATOR_KEYS))
-    train_iter.seek(updater.iteration)
+    checkpoint.load_npz(path, trainer)
     written_by = updater.checkpoint_world_size
+    if train_iter.legacy_checkpoint:  # no stream position saved: continue after the samples
+        train_iter.seek(updater.iteration * config.batchsize * written_by)
     ranks = (f'; same number of ranks ({world.size})' if written_by == world.size else
-             f'; it was written by {written_by} rank(s) and continues on {world.size}, so the '
-             f'data is re-sharded from here')
+             f'; it was written by {written_by} rank(s) and continues on {world.size} from '
+             f'the same sample ({train_iter.samples_seen} seen, epoch '
+             f'{train_iter.epoch_detail:.3f})')
     log(f'resumed from {path} at iteration {updater.iteration}{ranks}')
 
 
@@ -331,7 +414,7 @@ def _is_last_iteration(config: TrainConfig):
 
 def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world,
                     watchdog) -> None:
-    per_epoch = max(1, -(-n_train // config.batchsize))
+    per_epoch = max(1, -(-n_train // (config.batchsize * world.size)))
     if config.eval_interval is not None:
         report_trigger = (config.eval_interval, 'iteration')
     elif config.iterations is not None:

@@ -22,7 +22,8 @@ from chainer.training import StandardUpdater
 
 from distmulti.comm import LocalComm
 from distmulti.config import BACKWARD_MODES, GRAD_SYNC_MODES
-from distmulti.errors import NonFiniteLossError
+from distmulti.errors import NonFiniteLossError, SampleError
+from distmulti.loader import raise_if_any_failed
 from distmulti.metrics import Layout, batch_stats, summarize
 from distmulti.models import MultiHeadNet
 
@@ -93,13 +94,23 @@ class MultiHeadUpdater(StandardUpdater):
             self.heartbeat(self.iteration)
 
     def update_core(self):
-        batch = self.get_iterator('main').next()
-        x, t = self.converter(batch, self.input_device)
         net, comm = self.net, self.comm
-        outputs = net.head_outputs(x, t)
         layout = Layout(net.n_heads)
-        # The same small collective on every rank, every iteration, before any decision.
-        stats = comm.allreduce_sum(batch_stats(outputs, t))
+        try:
+            batch, error = self.get_iterator('main').next(), None
+        except SampleError as e:  # this rank's batch cannot be read: the all-reduce says so
+            batch, error = None, e
+        if error is None:
+            x, t = self.converter(batch, self.input_device)
+            outputs = net.head_outputs(x, t)
+            local = batch_stats(outputs, t)
+        else:
+            local = np.zeros(layout.size)
+        # The same small collective on every rank, every iteration, before any decision; its
+        # last element counts the ranks whose batch failed (then all raise the same error).
+        stats = comm.allreduce_sum(np.append(local, float(error is not None)))
+        stats, failed = stats[:-1], stats[-1]
+        raise_if_any_failed(comm, failed, error)                          # collective
         if not np.isfinite(layout.loss_sums(stats)).all():
             self._raise_non_finite(layout.loss_sums(stats))
 

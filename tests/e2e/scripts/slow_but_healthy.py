@@ -6,11 +6,7 @@ import time
 import distmulti  # noqa: F401  (first: it makes chainer import on numpy 2)
 import chainer
 
-import distmulti.training
 from distmulti import BaseCNN, MLPHead, MultiHeadNet, TrainConfig, train
-
-# One test sample per evaluation batch, so an evaluation is 10 heartbeats of 0.3 s each.
-distmulti.training.EVAL_BATCHSIZE = 1
 
 
 class Slow(MLPHead):
@@ -22,5 +18,6 @@ class Slow(MLPHead):
 net = MultiHeadNet(BaseCNN(4, 16), [MLPHead(10, 8), Slow(10, 8)])
 config = TrainConfig(out=sys.argv[1], iterations=4, batchsize=10, train_size=40, test_size=10,
                      progress=False, plot=False, eval_interval=2, checkpoint_interval=1,
-                     hang_timeout=1.0)
+                     hang_timeout=1.0,
+                     eval_batchsize=1)  # an evaluation is 10 heartbeats of 0.3 s each
 train(config, net=net)

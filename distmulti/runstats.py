@@ -1,0 +1,97 @@
+"""What a run cost on each rank: seconds to the first iteration, peak memory, samples/s.
+
+``RunStats`` is a trainer extension that notes when iterations end; ``summary`` (collective)
+gathers every rank's numbers for ``result.json``. Memory is the peak resident set (VmHWM) of
+the rank's process and the largest peak of its loader workers (RUSAGE_CHILDREN, once they
+have been reaped); a worker's peak includes the pages it shares with the rank after fork.
+"""
+import os
+import resource
+import sys
+import time
+from typing import Any, Callable, Dict, Optional
+
+import chainer
+
+
+def process_age_s() -> Optional[float]:
+    """Seconds since this process started (from /proc on Linux), else None."""
+    try:
+        with open('/proc/self/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        with open('/proc/uptime') as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf('SC_CLK_TCK'))  # starttime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (VmHWM; ru_maxrss where there is no /proc)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return _maxrss_mb(resource.RUSAGE_SELF)
+
+
+def children_peak_rss_mb() -> float:
+    """The largest peak resident memory of this process's reaped children, in MB."""
+    return _maxrss_mb(resource.RUSAGE_CHILDREN)
+
+
+def _maxrss_mb(who: int) -> float:
+    value = resource.getrusage(who).ru_maxrss
+    return value / (1024.0 * 1024.0) if sys.platform == 'darwin' else value / 1024.0
+
+
+class RunStats(chainer.training.Extension):
+    """Notes the end of the first and of the latest iteration (before other extensions run).
+
+    Args:
+        clock: seconds, monotonic (injected by tests).
+    """
+
+    name = 'RunStats'
+    trigger = (1, 'iteration')
+    priority = chainer.training.PRIORITY_WRITER + 1
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self.started = clock()
+        self.age_at_start = process_age_s()
+        self.first = self.last = None  # (time, iteration)
+
+    def __call__(self, trainer) -> None:
+        now = (self.clock(), trainer.updater.iteration)
+        if self.first is None:
+            self.first = now
+        self.last = now
+
+    def serialize(self, serializer) -> None:
+        pass  # nothing of it belongs in a checkpoint
+
+    def rank_summary(self) -> Dict[str, Any]:
+        """This rank's numbers."""
+        startup = None
+        if self.first is not None:
+            startup = self.first[0] - self.started + (self.age_at_start or 0.0)
+        return {'startup_s': startup, 'peak_rss_mb': round(peak_rss_mb(), 1),
+                'loader_peak_rss_mb': round(children_peak_rss_mb(), 1)}
+
+    def samples_per_s(self, global_batch: int) -> Optional[float]:
+        """Global training samples per second after the first iteration (evaluations and
+        checkpoints in between included), or None with fewer than two iterations."""
+        if self.first is None or self.last[1] <= self.first[1] or self.last[0] <= self.first[0]:
+            return None
+        return (self.last[1] - self.first[1]) * global_batch / (self.last[0] - self.first[0])
+
+    def summary(self, world, global_batch: int) -> Dict[str, Any]:
+        """Every rank's numbers, and rank 0's samples/s. Collective."""
+        return {'ranks': world.allgather_obj(self.rank_summary()),
+                'train_samples_per_s': self.samples_per_s(global_batch),
+                'startup_from': 'process start' if self.age_at_start is not None
+                else 'train() call'}
