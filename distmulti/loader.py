@@ -25,6 +25,7 @@ from chainer.datasets import SubDataset
 
 from distmulti.errors import DistmultiError, SampleError
 from distmulti.models import IGNORE_LABEL
+from distmulti.runstats import peak_rss_mb
 
 Batch = Tuple[np.ndarray, np.ndarray]
 _WORKER: Dict[str, Any] = {}  # a worker process's sources, set by _worker_init
@@ -166,6 +167,7 @@ class Loader:
         self.workers = int(workers)
         self._pool = None
         self._closed = False
+        self.worker_peak_rss_mb = 0.0  # the largest worker's peak, read when it is stopped
 
     def start(self) -> None:
         """Forks the workers (once; the first ``submit`` does it otherwise). Call it before
@@ -197,10 +199,13 @@ class Loader:
         return _Pending(future, source.name, indices)
 
     def close(self) -> None:
-        """Stops the workers (the batch each one is reading is finished first) and reaps
-        them, so that their peak memory shows in RUSAGE_CHILDREN."""
+        """Stops the workers (the batch each one is reading is finished first), after noting
+        the largest one's peak memory in ``worker_peak_rss_mb``."""
         self._closed = True
         if self._pool is not None:
+            # CPython keeps the workers by pid; a pid it does not have reads as 0.
+            pids = list(getattr(self._pool, '_processes', None) or ())
+            self.worker_peak_rss_mb = max([peak_rss_mb(pid) for pid in pids] + [0.0])
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 

@@ -2,8 +2,8 @@
 
 ``RunStats`` is a trainer extension that notes when iterations end; ``summary`` (collective)
 gathers every rank's numbers for ``result.json``. Memory is the peak resident set (VmHWM) of
-the rank's process and the largest peak of its loader workers (RUSAGE_CHILDREN, once they
-have been reaped); a worker's peak includes the pages it shares with the rank after fork.
+the rank's process and the largest peak of its loader workers (read by the loader before it
+stops them); a worker's peak includes the pages it shares with the rank after fork.
 """
 import os
 import resource
@@ -26,25 +26,19 @@ def process_age_s() -> Optional[float]:
         return None
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (VmHWM; ru_maxrss where there is no /proc)."""
+def peak_rss_mb(pid='self') -> float:
+    """A process's peak resident memory in MB (VmHWM from /proc; for this process, ru_maxrss
+    where there is no /proc; 0.0 when it cannot be read)."""
     try:
-        with open('/proc/self/status') as f:
+        with open(f'/proc/{pid}/status') as f:
             for line in f:
                 if line.startswith('VmHWM:'):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return _maxrss_mb(resource.RUSAGE_SELF)
-
-
-def children_peak_rss_mb() -> float:
-    """The largest peak resident memory of this process's reaped children, in MB."""
-    return _maxrss_mb(resource.RUSAGE_CHILDREN)
-
-
-def _maxrss_mb(who: int) -> float:
-    value = resource.getrusage(who).ru_maxrss
+    if pid != 'self':
+        return 0.0
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return value / (1024.0 * 1024.0) if sys.platform == 'darwin' else value / 1024.0
 
 
@@ -74,13 +68,14 @@ class RunStats(chainer.training.Extension):
     def serialize(self, serializer) -> None:
         pass  # nothing of it belongs in a checkpoint
 
-    def rank_summary(self) -> Dict[str, Any]:
-        """This rank's numbers."""
+    def rank_summary(self, loader_workers: int = 0,
+                     loader_peak_mb: float = 0.0) -> Dict[str, Any]:
+        """This rank's numbers (its loader workers, and their largest peak memory)."""
         startup = None
         if self.first is not None:
             startup = self.first[0] - self.started + (self.age_at_start or 0.0)
         return {'startup_s': startup, 'peak_rss_mb': round(peak_rss_mb(), 1),
-                'loader_peak_rss_mb': round(children_peak_rss_mb(), 1)}
+                'loader_workers': loader_workers, 'loader_peak_rss_mb': round(loader_peak_mb, 1)}
 
     def samples_per_s(self, global_batch: int) -> Optional[float]:
         """Global training samples per second after the first iteration (evaluations and
@@ -89,9 +84,11 @@ class RunStats(chainer.training.Extension):
             return None
         return (self.last[1] - self.first[1]) * global_batch / (self.last[0] - self.first[0])
 
-    def summary(self, world, global_batch: int) -> Dict[str, Any]:
+    def summary(self, world, global_batch: int, loader=None) -> Dict[str, Any]:
         """Every rank's numbers, and rank 0's samples/s. Collective."""
-        return {'ranks': world.allgather_obj(self.rank_summary()),
+        mine = (self.rank_summary(loader.workers, loader.worker_peak_rss_mb) if loader
+                else self.rank_summary())
+        return {'ranks': world.allgather_obj(mine),
                 'train_samples_per_s': self.samples_per_s(global_batch),
                 'startup_from': 'process start' if self.age_at_start is not None
                 else 'train() call'}

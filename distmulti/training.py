@@ -176,7 +176,7 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
         'world_size': world.size,
         'global_batchsize': config.batchsize * world.size,
         'train_samples_seen': train_iter.samples_seen,
-        'resources': stats.summary(world, config.batchsize * world.size),  # collective
+        'resources': stats.summary(world, config.batchsize * world.size, loader),  # collective
         'version': __version__,
         'config': config.to_dict(),
     }
