@@ -154,7 +154,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                               sample)
     net.to_device(device)
     workers = (config.loader_workers if config.loader_workers is not None
-               else inference.default_workers(data))
+               else inference.default_workers())
     report = inference.evaluate_model(net, data, inference.eval_batchsize(config, sample),
                                       device=device, loss_weights=config.weights,
                                       workers=workers, name=args.dataset or 'test data')

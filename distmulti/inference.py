@@ -72,11 +72,10 @@ def eval_batchsize(config: TrainConfig, sample_x: np.ndarray) -> int:
                                                            config.batchsize)
 
 
-def default_workers(dataset) -> int:
-    """Loader workers for evaluating ``dataset`` in one process: none for in-memory data."""
-    from distmulti.datasets import in_memory
+def default_workers() -> int:
+    """Loader workers for evaluating in one process (none start for in-memory data)."""
     from distmulti.sampling import cores_per_rank, default_loader_workers
-    return 0 if in_memory(dataset) else default_loader_workers(cores_per_rank(1))
+    return default_loader_workers(cores_per_rank(1))
 
 
 def evaluate_model(net: MultiHeadNet, dataset, batchsize: int = BATCHSIZE, device='@numpy',

@@ -2,9 +2,10 @@
 
 A ``Loader`` holds this rank's datasets by name (``'train'``, ``'test'``) and turns a list of
 sample indices into a batch ``(x, t)`` of stacked arrays. With ``workers > 0`` the reading and
-decoding happen in that many forked processes (forked once, before training starts any
-thread; they ignore SIGINT/SIGTERM, which are the training process's to handle, and die with
-it), so that the iterators can ask for the next batches while the current one trains.
+decoding of lazy datasets happen in that many forked processes (forked once, before training
+starts any thread; they ignore SIGINT/SIGTERM, which are the training process's to handle,
+and die with it), so that the iterators can ask for the next batches while the current one
+trains; in-memory datasets are read in the training process.
 
 Every sample is checked as it is read (the first sample's shape, float32, finite pixels, one
 integer label per head within the head's classes): a problem is a ``SampleError`` naming the
@@ -23,6 +24,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 from chainer.datasets import SubDataset
 
+from distmulti.datasets import in_memory
 from distmulti.errors import DistmultiError, SampleError
 from distmulti.models import IGNORE_LABEL
 from distmulti.runstats import peak_rss_mb
@@ -152,19 +154,23 @@ def _died(name: str, indices: np.ndarray) -> str:
 
 
 class Loader:
-    """Reads batches from named sources, in ``workers`` processes or (0) in this one.
+    """Reads batches from named sources: lazy ones in ``workers`` processes, in-memory ones
+    (a ``TupleDataset`` of arrays: a sample is a copy, cheaper than sending it) and all of
+    them when ``workers`` is 0 in the calling process, when a batch is asked for.
 
     Args:
         sources: ``{name: Source}``; forked workers inherit them (nothing is pickled).
-        workers: number of worker processes; 0 reads in the calling process when a batch
-            is asked for.
+        workers: the most worker processes; ``self.workers`` is how many there are (0 when
+            every source is in memory).
     """
 
     def __init__(self, sources: Dict[str, Source], workers: int = 0):
         if workers < 0:
             raise ValueError(f'workers must be >= 0, got {workers}')
         self.sources = dict(sources)
-        self.workers = int(workers)
+        self._local = {name for name, source in self.sources.items()
+                       if in_memory(source.dataset)}
+        self.workers = int(workers) if set(self.sources) - self._local else 0
         self._pool = None
         self._closed = False
         self.worker_peak_rss_mb = 0.0  # the largest worker's peak, read when it is stopped
@@ -189,7 +195,7 @@ class Loader:
         if self._closed:
             raise RuntimeError('the Loader is closed')
         self.start()
-        if self._pool is None:
+        if self._pool is None or name in self._local:
             return _Deferred(lambda: read_batch(source, indices))
         try:
             future = self._pool.submit(_read_in_worker, name, indices)

@@ -26,7 +26,7 @@ from distmulti.watchdog import Watchdog
 from distmulti.config import TrainConfig
 from distmulti.csvdata import parse_image_size
 from distmulti.data import check_label_shape, check_labels, digit_strips
-from distmulti.datasets import cheap_labels, in_memory, load_dataset, split_dataset
+from distmulti.datasets import cheap_labels, load_dataset, split_dataset
 from distmulti.errors import CheckpointError, ConfigError, DataError, DistmultiError
 from distmulti.evaluator import MultiHeadEvaluator
 from distmulti.iterators import EvalIterator, TrainIterator
@@ -119,7 +119,7 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
     optimizers = _make_optimizers(config, net, optimizers)
 
     spec = SampleSpec(first_x.shape, classes, net.head_names)
-    workers = _loader_workers(config, world, (train_data, test_data))
+    workers = _loader_workers(config, world)
     loader = Loader({'train': Source(train_data, names[0], spec),
                      'test': Source(test_data, names[1], spec)}, workers)
     train_iter = TrainIterator(loader, 'train', n_train, config.batchsize,
@@ -255,12 +255,11 @@ def _cheap_sources(sources):
     return found
 
 
-def _loader_workers(config: TrainConfig, world, datasets) -> int:
-    """``config.loader_workers``, else 0 for in-memory data, else from the cores per rank."""
+def _loader_workers(config: TrainConfig, world) -> int:
+    """``config.loader_workers``, else from the cores per rank (the Loader starts none when
+    all the data is in memory)."""
     if config.loader_workers is not None:
         return config.loader_workers
-    if all(in_memory(data) for data in datasets):
-        return 0
     local_ranks = getattr(getattr(world, 'mn', None), 'intra_size', 1)
     return default_loader_workers(cores_per_rank(local_ranks))
 

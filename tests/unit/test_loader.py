@@ -216,10 +216,18 @@ def test_an_evaluation_pass_reads_its_block_once_in_order_per_reset(tmp_path):
             assert batches == [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15]]
 
 
-def test_in_memory_data_reads_the_same_through_a_tuple_dataset():
+def test_in_memory_data_is_read_in_process_and_starts_no_workers():
     x = np.arange(12, dtype=np.float32).reshape(3, 1, 2, 2)
     data = TupleDataset(x, np.array([[1], [2], [3]], np.int32))
-    with Loader({'train': Source(data, 'd', SampleSpec((1, 2, 2), [10], ['h']))}) as serial:
-        batch = serial.submit('train', [2, 0]).result()
+    spec = SampleSpec((1, 2, 2), [10], ['h'])
+    with Loader({'train': Source(data, 'd', spec)}, workers=2) as memory_only:
+        batch = memory_only.submit('train', [2, 0]).result()
+        assert memory_only.workers == 0
     np.testing.assert_array_equal(batch[0], x[[2, 0]])
     np.testing.assert_array_equal(batch[1], [[3], [1]])
+    mixed = {'train': Source(SubDataset(data, 0, 3), 'd', spec),
+             'test': Source(Indexed(4, bad={1: 'pid'}), 'lazy', SPEC)}
+    with Loader(mixed, workers=1) as both:
+        assert both.workers == 1
+        assert int(both.submit('test', [1]).result()[0][0, 0, 0, 0]) != os.getpid()
+        np.testing.assert_array_equal(both.submit('train', [1]).result()[0], x[[1]])
