@@ -101,6 +101,14 @@ def test_a_checkpointed_position_resumes_the_same_stream_on_another_world_size(t
         assert [ids(one.next()) for _ in range(4)] == expected
 
 
+def test_a_checkpoint_without_a_stream_position_is_marked_legacy(tmp_path):
+    np.savez(tmp_path / 'old.npz', current_position=np.array(3), epoch=np.array(1))
+    with loader(Indexed(10), 0) as data:
+        it = TrainIterator(data, 'train', 10, 2)
+        load_npz(str(tmp_path / 'old.npz'), it)
+    assert it.legacy_checkpoint and it.samples_seen == 0
+
+
 def test_a_sample_error_in_a_worker_names_the_row_and_waits_for_its_batch():
     dataset = Indexed(12, bad={5: 'nan'})
     with loader(dataset, 2) as data:
