@@ -27,6 +27,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -173,6 +174,8 @@ def main():
     if free < need:
         raise SystemExit('not enough free space; use --tmp or smaller sizes')
     root = tempfile.mkdtemp(prefix='distmulti-data-scaling-', dir=args.tmp)
+    # A `timeout` or `kill` still removes the data (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         rng = np.random.RandomState(0)
         started = time.perf_counter()

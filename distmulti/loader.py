@@ -154,9 +154,12 @@ def _died(name: str, indices: np.ndarray) -> str:
 
 
 class Loader:
-    """Reads batches from named sources: lazy ones in ``workers`` processes, in-memory ones
-    (a ``TupleDataset`` of arrays: a sample is a copy, cheaper than sending it) and all of
-    them when ``workers`` is 0 in the calling process, when a batch is asked for.
+    """Reads batches from named sources.
+
+    Lazy sources are read in ``workers`` forked processes, ahead of use. In-memory ones (a
+    ``TupleDataset`` of arrays, where a sample is a copy, cheaper than sending it between
+    processes), and every source when ``workers`` is 0, are read in the calling process when
+    a batch is asked for.
 
     Args:
         sources: ``{name: Source}``; forked workers inherit them (nothing is pickled).

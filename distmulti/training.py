@@ -84,50 +84,9 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
     _seed_everything(config.seed, device)
 
     stats = RunStats()
-    # Data: every rank opens the same datasets and reads only its own samples of them.
-    given = world.allgather_obj(train_data is not None)                 # collective
-    if len(set(given)) > 1:
-        missing = ', '.join(str(rank) for rank, ok in enumerate(given) if not ok)
-        raise ConfigError(f'train_data was not given on rank(s) {missing}; every rank must '
-                          f'pass the same datasets (each reads only its own samples of them, '
-                          f'nothing is sent between ranks)', collective=True)
-    train_data, test_data, sources, names = _on_every_rank(
-        world, lambda: _load_data(config, train_data, test_data))     # collective
-    n_train, n_test = _agree_on_lengths(world, train_data, test_data)  # collective
-    for name, n in (('training data', n_train), ('test data', n_test)):
-        if n == 0:
-            raise DataError(f'the {name} is empty', collective=True)
-    if config.batchsize * world.size > n_train:
-        raise ConfigError(_batch_too_large(config.batchsize, world.size, n_train),
-                          collective=True)
-
-    _on_root(world, lambda: [check_label_shape(labels, net.n_heads, name)
-                             for labels, name in _cheap_sources(sources)], None)  # collective
-    first_x, first_t = _on_every_rank(
-        world, lambda: read_example(Source(train_data, names[0]), 0))  # collective
-    if cheap_labels(train_data) is None:
-        _on_every_rank(world, lambda: check_label_shape(first_t[None], net.n_heads,
-                                                        names[0]))     # collective
-    net.to_device(device)
-    first = chainer.dataset.concat_examples([(first_x, first_t)], device)
-    try:
-        classes = net.initialize(*first)
-    except DataError as e:
-        raise DataError(str(e), collective=True) from None
-    _on_root(world, lambda: [check_labels(labels, classes, name, net.head_names)
-                             for labels, name in _cheap_sources(sources)], None)  # collective
+    loader, train_iter, test_iter = _open_data(config, world, net, device, train_data,
+                                               test_data)                 # collective
     optimizers = _make_optimizers(config, net, optimizers)
-
-    spec = SampleSpec(first_x.shape, classes, net.head_names)
-    workers = _loader_workers(config, world)
-    loader = Loader({'train': Source(train_data, names[0], spec),
-                     'test': Source(test_data, names[1], spec)}, workers)
-    train_iter = TrainIterator(loader, 'train', n_train, config.batchsize,
-                               world_size=world.size, rank=world.rank, seed=config.seed)
-    eval_batch = config.eval_batchsize or default_eval_batchsize(first_x.nbytes,
-                                                                  config.batchsize)
-    test_iter = EvalIterator(loader, 'test', *shard_bounds(n_test, world.size, world.rank),
-                             eval_batch)
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
                                backward=config.backward, frozen=config.freeze, comm=world,
                                grad_sync=config.grad_sync, device=device)  # collective
@@ -143,7 +102,7 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
                                             if world.is_root else None))
         updater.heartbeat = watchdog.beat
         evaluator.heartbeat = watchdog.beat
-    _add_extensions(trainer, evaluator, config, n_train, world, watchdog)
+    _add_extensions(trainer, evaluator, config, train_iter.n, world, watchdog)
     trainer.extend(stats)
 
     if config.resume:
@@ -191,6 +150,58 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
                  f'({int(result["test"]["samples"])} samples, {updater.iteration} iterations, '
                  f'{wall:.1f} s); wrote {os.path.join(config.out, MODEL_FILE)} and {result_path}')
     return result
+
+
+def _open_data(config: TrainConfig, world, net: MultiHeadNet, device, train_data, test_data):
+    """(loader, train iterator, test iterator) of this rank; also moves ``net`` to ``device``
+    and sizes its lazy layers on the first training sample. Collective.
+
+    Every rank opens the same datasets and reads only its own samples of them; what can be
+    checked without reading images (lengths, labels) is checked here, on every rank alike.
+    """
+    given = world.allgather_obj(train_data is not None)                 # collective
+    if len(set(given)) > 1:
+        missing = ', '.join(str(rank) for rank, ok in enumerate(given) if not ok)
+        raise ConfigError(f'train_data was not given on rank(s) {missing}; every rank must '
+                          f'pass the same datasets (each reads only its own samples of them, '
+                          f'nothing is sent between ranks)', collective=True)
+    train_data, test_data, sources, names = _on_every_rank(
+        world, lambda: _load_data(config, train_data, test_data))     # collective
+    n_train, n_test = _agree_on_lengths(world, train_data, test_data)  # collective
+    for name, n in (('training data', n_train), ('test data', n_test)):
+        if n == 0:
+            raise DataError(f'the {name} is empty', collective=True)
+    if config.batchsize * world.size > n_train:
+        raise ConfigError(_batch_too_large(config.batchsize, world.size, n_train),
+                          collective=True)
+
+    _on_root(world, lambda: [check_label_shape(labels, net.n_heads, name)
+                             for labels, name in _cheap_sources(sources)], None)  # collective
+    first_x, first_t = _on_every_rank(
+        world, lambda: read_example(Source(train_data, names[0]), 0))  # collective
+    if cheap_labels(train_data) is None:
+        _on_every_rank(world, lambda: check_label_shape(first_t[None], net.n_heads,
+                                                        names[0]))     # collective
+    net.to_device(device)
+    first = chainer.dataset.concat_examples([(first_x, first_t)], device)
+    try:
+        classes = net.initialize(*first)
+    except DataError as e:
+        raise DataError(str(e), collective=True) from None
+    _on_root(world, lambda: [check_labels(labels, classes, name, net.head_names)
+                             for labels, name in _cheap_sources(sources)], None)  # collective
+
+    spec = SampleSpec(first_x.shape, classes, net.head_names)
+    workers = _loader_workers(config, world)
+    loader = Loader({'train': Source(train_data, names[0], spec),
+                     'test': Source(test_data, names[1], spec)}, workers)
+    train_iter = TrainIterator(loader, 'train', n_train, config.batchsize,
+                               world_size=world.size, rank=world.rank, seed=config.seed)
+    eval_batch = config.eval_batchsize or default_eval_batchsize(first_x.nbytes,
+                                                                  config.batchsize)
+    test_iter = EvalIterator(loader, 'test', *shard_bounds(n_test, world.size, world.rank),
+                             eval_batch)
+    return loader, train_iter, test_iter
 
 
 def _on_root(world, load, empty):
