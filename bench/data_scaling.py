@@ -15,8 +15,11 @@ configuration in turn (side by side), runs
 
 and reads what the ranks reported in result.json: seconds from process start to the end of
 the first iteration (the slower rank), each rank's peak resident memory (VmHWM) and its
-loader workers' peak, and training samples/s after the first iteration. Prints medians, and
-the ratios the goals are about, each taken within a round.
+loader workers' peak, and training samples/s (from the median iteration time, which a busy
+machine disturbs less than the mean). Odd rounds run the configurations in order, even ones
+in reverse, so that each pair compared is measured side by side both ways. Prints medians,
+and the ratios the goals are about, each taken within a round. ``--only csv`` runs just the
+configurations whose label contains "csv" (and generates only their data).
 
 The network is by default a light one (two strided 3x3 convolutions, see ``light_net``), so
 that an iteration is short and reading and decoding the data weigh as much as they can;
@@ -143,12 +146,15 @@ def run_one(spec, test_spec, out, args, workers=None):
     with open(os.path.join(out, 'result.json')) as f:
         result = json.load(f)
     shutil.rmtree(out)
-    ranks = result['resources']['ranks']
+    resources = result['resources']
+    ranks = resources['ranks']
     return {'startup_s': max(r['startup_s'] for r in ranks),
             'rss_mb': [r['peak_rss_mb'] for r in ranks],
             'worker_mb': max(r['loader_peak_rss_mb'] for r in ranks),
             'workers': ranks[0]['loader_workers'],
-            'samples_s': result['resources']['train_samples_per_s']}
+            'wait_s': max(r['data_wait_s'] for r in ranks),
+            'samples_s': result['global_batchsize'] / resources['median_iteration_s'],
+            'mean_samples_s': resources['train_samples_per_s']}
 
 
 def main():
@@ -162,6 +168,8 @@ def main():
     parser.add_argument('--tmp', default=tempfile.gettempdir())
     parser.add_argument('--no-npz', action='store_true', help='skip the in-memory npz: rows')
     parser.add_argument('--network', choices=('light', 'default'), default='light')
+    parser.add_argument('--only', default='', help='run the configurations whose label '
+                                                   'contains this (e.g. csv)')
     args = parser.parse_args()
 
     n_small = int(args.small_gb * 1e9 // SAMPLE_BYTES)
@@ -182,9 +190,12 @@ def main():
         test = write_npy(os.path.join(root, 'test'), 256, rng)
         configs = []  # (label, form, spec, samples, bytes, workers)
         for label, n in (('npy small', n_small), ('npy large', n_large)):
+            if args.only not in label and not (label == 'npy small' and args.only in 'npz'):
+                continue
             path = write_npy(os.path.join(root, label.replace(' ', '_')), n, rng)
-            configs.append((label, 'npy', f'npy:{path}', n, folder_bytes(path), None))
-        if not args.no_npz:
+            if args.only in label:
+                configs.append((label, 'npy', f'npy:{path}', n, folder_bytes(path), None))
+        if not args.no_npz and args.only in 'npz small (in memory)':
             x = np.load(os.path.join(root, 'npy_small', 'x.npy'), mmap_mode='r')
             path = os.path.join(root, 'small.npz')
             np.savez(path, x=x, y=np.load(os.path.join(root, 'npy_small', 'y.npy')))
@@ -192,6 +203,8 @@ def main():
             configs.append(('npz small (in memory)', 'npz', f'npz:{path}', n_small,
                             folder_bytes(path), None))
         for label, n in zip(('small', 'large'), n_pngs):
+            if args.only not in f'csv {label}, no workers, npy twin of csv {label}':
+                continue
             folder = os.path.join(root, f'png_{label}')
             labels_csv, images, labels = write_pngs(folder, n, rng)
             twin = write_npy(os.path.join(root, f'png_{label}_npy'), n, rng, source=images)
@@ -206,14 +219,17 @@ def main():
                             folder_bytes(twin), None))
         print(f'generated {len(configs)} datasets in {time.perf_counter() - started:.0f} s')
 
+        configs = [c for c in configs if args.only in c[0]]
         results = {config[0]: [] for config in configs}
         for r in range(args.rounds):
-            for label, _, spec, _, _, workers in configs:
+            for label, _, spec, _, _, workers in (configs if r % 2 == 0 else configs[::-1]):
                 out = os.path.join(root, 'run')
                 results[label].append(run_one(spec, f'npy:{test}', out, args, workers))
                 m = results[label][-1]
                 print(f'round {r + 1} {label}: first iteration {m["startup_s"]:.1f} s, '
-                      f'rss {m["rss_mb"]} MB, {m["samples_s"]:.1f} samples/s', flush=True)
+                      f'rss {m["rss_mb"]} MB, {m["samples_s"]:.1f} samples/s (mean '
+                      f'{m["mean_samples_s"]:.1f}), waited {m["wait_s"]:.2f} s for data',
+                      flush=True)
         report(configs, results, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -242,22 +258,24 @@ def report(configs, results, args):
 
     print('\nwithin each round (median over rounds):')
     diff, ratio = (lambda x, y: x - y), (lambda x, y: x / y)
-    print(f'- peak memory per rank, npy large - npy small: '
-          f'{per_round("npy large", "npy small", "rss_mb", diff):+.0f} MB (goal: within 200)')
-    print(f'- first iteration, npy large - npy small: '
-          f'{per_round("npy large", "npy small", "startup_s", diff):+.1f} s')
-    print(f'- peak memory per rank, csv large - csv small: '
-          f'{per_round("csv large", "csv small", "rss_mb", diff):+.0f} MB')
-    print(f'- first iteration, csv large - csv small: '
-          f'{per_round("csv large", "csv small", "startup_s", diff):+.1f} s')
-    for size in ('small', 'large'):
-        print(f'- samples/s, csv {size} / its npy twin: '
-              f'{per_round(f"csv {size}", f"npy twin of csv {size}", "samples_s", ratio):.3f} '
-              f'(goal: at least 0.9)')
-    if 'npz small (in memory)' in results:
-        print(f'- peak memory per rank, npz small (in memory) - npy small: '
-              f'{per_round("npz small (in memory)", "npy small", "rss_mb", diff):+.0f} MB')
-
+    lines = [('npy large', 'npy small', 'rss_mb', diff, 'peak memory per rank', ' MB',
+              ' (goal: within 200)'),
+             ('npy large', 'npy small', 'startup_s', diff, 'first iteration', ' s', ''),
+             ('csv large', 'csv small', 'rss_mb', diff, 'peak memory per rank', ' MB', ''),
+             ('csv large', 'csv small', 'startup_s', diff, 'first iteration', ' s', ''),
+             ('csv small', 'npy twin of csv small', 'samples_s', ratio, 'samples/s', '',
+              ' (goal: at least 0.9)'),
+             ('csv large', 'npy twin of csv large', 'samples_s', ratio, 'samples/s', '',
+              ' (goal: at least 0.9)'),
+             ('csv small, no workers', 'npy twin of csv small', 'samples_s', ratio,
+              'samples/s', '', ''),
+             ('npz small (in memory)', 'npy small', 'rss_mb', diff, 'peak memory per rank',
+              ' MB', '')]
+    for a, b, key, op, what, unit, goal in lines:
+        if a in results and b in results:
+            value = per_round(a, b, key, op)
+            shown = f'{value:.3f}' if op is ratio else f'{value:+.1f}{unit}'
+            print(f'- {what}, {a} {"/" if op is ratio else "-"} {b}: {shown}{goal}')
 
 if __name__ == '__main__':
     main()

@@ -6,6 +6,7 @@ saved in checkpoints, so a run resumed on any number of ranks continues the same
 ``EvalIterator`` yields this rank's contiguous block of the test set once per pass.
 """
 import collections
+import time
 from typing import Deque, List, Optional, Tuple
 
 import chainer
@@ -40,6 +41,7 @@ class TrainIterator(chainer.dataset.Iterator):
         self.samples_seen = 0
         self.previous_samples_seen = 0
         self.legacy_checkpoint = False  # set when a checkpoint had no stream position
+        self.wait_s = 0.0  # time next() spent waiting for a batch to be read
         self._ahead: Deque[Tuple[int, object]] = collections.deque()
 
     # -- position ---------------------------------------------------------------------------
@@ -75,7 +77,11 @@ class TrainIterator(chainer.dataset.Iterator):
         self.previous_samples_seen = start
         self.samples_seen = start + self.global_batch
         self._fill()  # the workers read ahead while this batch trains
-        x, t = handle.result()  # SampleError when a sample of it failed
+        started = time.perf_counter()
+        try:
+            x, t = handle.result()  # SampleError when a sample of it failed
+        finally:
+            self.wait_s += time.perf_counter() - started
         return list(zip(x, t))
 
     next = __next__

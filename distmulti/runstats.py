@@ -5,8 +5,10 @@ gathers every rank's numbers for ``result.json``. Memory is the peak resident se
 the rank's process and the largest peak of its loader workers (read by the loader before it
 stops them); a worker's peak includes the pages it shares with the rank after fork.
 """
+import collections
 import os
 import resource
+import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, Optional
@@ -53,29 +55,41 @@ class RunStats(chainer.training.Extension):
     trigger = (1, 'iteration')
     priority = chainer.training.PRIORITY_WRITER + 1
 
+    KEEP = 10000  # the latest iteration times kept for the median
+
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self.clock = clock
         self.started = clock()
         self.age_at_start = process_age_s()
         self.first = self.last = None  # (time, iteration)
+        self._intervals = collections.deque(maxlen=self.KEEP)
 
     def __call__(self, trainer) -> None:
         now = (self.clock(), trainer.updater.iteration)
         if self.first is None:
             self.first = now
+        elif now[1] == self.last[1] + 1:
+            self._intervals.append(now[0] - self.last[0])
         self.last = now
+
+    def median_iteration_s(self) -> Optional[float]:
+        """The median time from one iteration's end to the next's (evaluations and
+        checkpoints in between included), over the latest ones; robust to a busy machine."""
+        return statistics.median(self._intervals) if self._intervals else None
 
     def serialize(self, serializer) -> None:
         pass  # nothing of it belongs in a checkpoint
 
-    def rank_summary(self, loader_workers: int = 0,
-                     loader_peak_mb: float = 0.0) -> Dict[str, Any]:
-        """This rank's numbers (its loader workers, and their largest peak memory)."""
+    def rank_summary(self, loader_workers: int = 0, loader_peak_mb: float = 0.0,
+                     data_wait_s: float = 0.0) -> Dict[str, Any]:
+        """This rank's numbers (its loader workers, their largest peak memory, and the time
+        training waited for batches to be read)."""
         startup = None
         if self.first is not None:
             startup = self.first[0] - self.started + (self.age_at_start or 0.0)
         return {'startup_s': startup, 'peak_rss_mb': round(peak_rss_mb(), 1),
-                'loader_workers': loader_workers, 'loader_peak_rss_mb': round(loader_peak_mb, 1)}
+                'loader_workers': loader_workers, 'loader_peak_rss_mb': round(loader_peak_mb, 1),
+                'data_wait_s': round(data_wait_s, 3)}
 
     def samples_per_s(self, global_batch: int) -> Optional[float]:
         """Global training samples per second after the first iteration (evaluations and
@@ -84,11 +98,14 @@ class RunStats(chainer.training.Extension):
             return None
         return (self.last[1] - self.first[1]) * global_batch / (self.last[0] - self.first[0])
 
-    def summary(self, world, global_batch: int, loader=None) -> Dict[str, Any]:
+    def summary(self, world, global_batch: int, loader=None,
+                data_wait_s: float = 0.0) -> Dict[str, Any]:
         """Every rank's numbers, and rank 0's samples/s. Collective."""
-        mine = (self.rank_summary(loader.workers, loader.worker_peak_rss_mb) if loader
-                else self.rank_summary())
+        mine = (self.rank_summary(loader.workers, loader.worker_peak_rss_mb, data_wait_s)
+                if loader else self.rank_summary(data_wait_s=data_wait_s))
+        median = self.median_iteration_s()
         return {'ranks': world.allgather_obj(mine),
                 'train_samples_per_s': self.samples_per_s(global_batch),
+                'median_iteration_s': median,
                 'startup_from': 'process start' if self.age_at_start is not None
                 else 'train() call'}

@@ -135,7 +135,8 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
         'world_size': world.size,
         'global_batchsize': config.batchsize * world.size,
         'train_samples_seen': train_iter.samples_seen,
-        'resources': stats.summary(world, config.batchsize * world.size, loader),  # collective
+        'resources': stats.summary(world, config.batchsize * world.size, loader,
+                                   train_iter.wait_s),                  # collective
         'version': __version__,
         'config': config.to_dict(),
     }

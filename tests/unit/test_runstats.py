@@ -3,6 +3,7 @@ from /proc."""
 import types
 
 import numpy as np
+import pytest
 
 from distmulti.comm import LocalComm
 from distmulti.runstats import RunStats, peak_rss_mb, process_age_s
@@ -28,13 +29,15 @@ def test_first_iteration_and_samples_per_second_come_from_the_clock():
     stats(trainer_at(1))
     assert stats.samples_per_s(64) is None  # one iteration: no rate yet
     for i in range(2, 12):
-        clock.now += 0.5
+        clock.now += 0.5 if i != 6 else 3.0  # one slow iteration (an evaluation, a busy CPU)
         stats(trainer_at(i))
-    assert stats.samples_per_s(64) == 10 * 64 / 5.0
+    assert stats.samples_per_s(64) == 10 * 64 / 7.5
+    assert stats.median_iteration_s() == 0.5
     mine = stats.rank_summary()
     assert mine['startup_s'] == 4.5 + (stats.age_at_start or 0.0)
     summary = stats.summary(LocalComm(), 64)
-    assert summary['ranks'] == [mine] and summary['train_samples_per_s'] == 128.0
+    assert summary['ranks'] == [mine] and summary['median_iteration_s'] == 0.5
+    assert summary['train_samples_per_s'] == pytest.approx(85.33, abs=0.01)
 
 
 def current_rss_mb():
