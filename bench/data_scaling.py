@@ -19,7 +19,9 @@ loader workers' peak, and training samples/s (from the median iteration time, wh
 machine disturbs less than the mean). Odd rounds run the configurations in order, even ones
 in reverse, so that each pair compared is measured side by side both ways. Prints medians,
 and the ratios the goals are about, each taken within a round. ``--only csv`` runs just the
-configurations whose label contains "csv" (and generates only their data).
+configurations whose label contains "csv" (and generates only their data). Last, the loader
+alone (no training) on the small PNG folder and its npy: twin, with 0, 1 and 2 workers:
+the samples/s a rank can consume before reading becomes its bottleneck.
 
 The network is by default a light one (two strided 3x3 convolutions, see ``light_net``), so
 that an iteration is short and reading and decoding the data weigh as much as they can;
@@ -231,6 +233,7 @@ def main():
                       f'{m["mean_samples_s"]:.1f}), waited {m["wait_s"]:.2f} s for data',
                       flush=True)
         report(configs, results, args)
+        loader_alone(configs, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -241,15 +244,16 @@ def report(configs, results, args):
           f'{args.batchsize} per rank, {args.iterations} iterations, 3 x 64 x 64 inputs, '
           f'{HEADS} heads, default loader workers; medians of {args.rounds} rounds\n')
     print('| data | samples | on disk | loader workers per rank | first iteration s '
-          '| peak memory per rank MB | loader worker peak MB | samples/s |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|')
+          '| peak memory per rank MB | loader worker peak MB | samples/s | waited for data s |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
     for label, _, _, n, size, _ in configs:
         rows = results[label]
         rss = med([max(m['rss_mb']) for m in rows])
         print(f'| {label} | {n} | {size / 1e9:.2f} GB | {rows[0]["workers"]} '
               f'| {med([m["startup_s"] for m in rows]):.1f} '
               f'| {rss:.0f} | {med([m["worker_mb"] for m in rows]):.0f} '
-              f'| {med([m["samples_s"] for m in rows]):.1f} |')
+              f'| {med([m["samples_s"] for m in rows]):.1f} '
+              f'| {med([m["wait_s"] for m in rows]):.2f} |')
 
     def per_round(a, b, key, op):
         return med([op(x[key] if key != 'rss_mb' else max(x[key]),
@@ -276,6 +280,42 @@ def report(configs, results, args):
             value = per_round(a, b, key, op)
             shown = f'{value:.3f}' if op is ratio else f'{value:+.1f}{unit}'
             print(f'- {what}, {a} {"/" if op is ratio else "-"} {b}: {shown}{goal}')
+
+
+def loader_alone(configs, args):
+    """How fast the loader alone delivers this rank's batches (no training, one process):
+    what a rank can consume before reading becomes the bottleneck, per worker count."""
+    from distmulti.datasets import load_dataset
+    from distmulti.iterators import TrainIterator
+    from distmulti.loader import Loader, SampleSpec, Source
+    pairs = [c for c in configs if c[0] in ('csv small', 'npy twin of csv small')]
+    if not pairs:
+        return
+    spec = SampleSpec(SHAPE, [10] * HEADS, [f'head{i}' for i in range(HEADS)])
+    runs = [(label, spec_text, workers) for workers in (0, 1, 2)
+            for label, _, spec_text, _, _, _ in pairs]
+    rates = {(label, workers): [] for label, _, workers in runs}
+    batches = 60
+    for r in range(args.rounds):
+        for label, spec_text, workers in (runs if r % 2 == 0 else runs[::-1]):
+            data = load_dataset(spec_text)
+            with Loader({'train': Source(data, label, spec)}, workers,
+                        max_batch=args.batchsize) as loader:
+                it = TrainIterator(loader, 'train', len(data), args.batchsize, seed=r)
+                it.next()
+                started = time.perf_counter()
+                for _ in range(batches):
+                    it.next()
+                rates[(label, workers)].append(batches * args.batchsize
+                                               / (time.perf_counter() - started))
+    print(f'\nthe loader alone (no training, one process, batch {args.batchsize}, '
+          f'{batches} batches; medians of {args.rounds} rounds): samples/s it delivers\n')
+    print('| data | 0 workers (in the process) | 1 worker | 2 workers |')
+    print('|---|---:|---:|---:|')
+    for label, _, _, _, _, _ in pairs:
+        cells = ' | '.join(f'{statistics.median(rates[(label, w)]):.0f}' for w in (0, 1, 2))
+        print(f'| {label} | {cells} |')
+
 
 if __name__ == '__main__':
     main()

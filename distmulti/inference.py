@@ -93,7 +93,7 @@ def evaluate_model(net: MultiHeadNet, dataset, batchsize: int = BATCHSIZE, devic
     confusion = {head: np.zeros((n, n), dtype=np.int64)
                  for head, n in zip(net.head_names, widths) if n is not None}
     spec = SampleSpec(first_x.shape, widths, net.head_names)
-    with Loader({'data': Source(dataset, name, spec)}, workers) as loader:
+    with Loader({'data': Source(dataset, name, spec)}, workers, max_batch=batchsize) as loader:
         batches = EvalIterator(loader, 'data', 0, len(dataset), batchsize)
         batches.reset()
         with chainer.using_config('train', False), chainer.no_backprop_mode():

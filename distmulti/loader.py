@@ -13,6 +13,8 @@ dataset and the row, raised where the batch is used. It ends the job on every ra
 :func:`raise_if_any_failed`, which the updater and the evaluator call after the all-reduce
 that carries each rank's "my batch failed" flag.
 """
+import gc
+import mmap
 import multiprocessing
 import os
 import signal
@@ -110,10 +112,34 @@ def check_example(x: np.ndarray, t: np.ndarray, spec: Optional[SampleSpec]) -> O
     return None
 
 
-def read_batch(source: Source, indices: Sequence[int]) -> Batch:
-    """The samples at ``indices``, stacked: x (B, ...) and t (B, K)."""
+def read_batch(source: Source, indices: Sequence[int], out: Optional[np.ndarray] = None
+               ) -> Batch:
+    """The samples at ``indices``, stacked: x (B, ...) (into ``out`` when given) and t (B, K)."""
     xs, ts = zip(*(read_example(source, int(i)) for i in indices))
-    return np.stack(xs), np.stack(ts)
+    return np.stack(xs, out=out), np.stack(ts)
+
+
+class _Slots:
+    """Blocks of memory shared with the forked workers (anonymous shared maps made before the
+    fork), one per batch in flight: a worker writes a batch's x there, and only its labels
+    travel through the result pipe, so that the training process copies each batch once
+    instead of receiving it pickled."""
+
+    def __init__(self, count: int, nbytes: int):
+        self.nbytes = nbytes
+        self.blocks = [mmap.mmap(-1, nbytes) for _ in range(count)]
+        self.free = list(range(count))
+
+    def take(self, nbytes: int) -> Optional[int]:
+        if nbytes > self.nbytes or not self.free:
+            return None
+        return self.free.pop()
+
+    def view(self, slot: int, shape: Tuple[int, ...]) -> np.ndarray:
+        return np.frombuffer(self.blocks[slot], np.float32, int(np.prod(shape))).reshape(shape)
+
+    def give_back(self, slot: int) -> None:
+        self.free.append(slot)  # also from the executor's thread: one atomic append
 
 
 class _Deferred:
@@ -130,21 +156,37 @@ class _Deferred:
 
 
 class _Pending:
-    """A batch being read by a worker; ``result()`` raises SampleError for a failed one."""
+    """A batch being read by a worker (into shared ``slot`` of ``slots`` when not None);
+    ``result()`` raises SampleError for a failed one."""
 
-    def __init__(self, future, name: str, indices: np.ndarray):
+    def __init__(self, future, name: str, indices: np.ndarray, slots=None, slot=None):
         self._future, self._name, self._indices = future, name, indices
+        self._slots, self._slot = slots, slot
 
     def result(self) -> Batch:
         try:
-            return self._future.result()
+            x, t = self._future.result()
+            if self._slot is not None:  # x is in shared memory: copy it out, free the slot
+                x = self._slots.view(self._slot, x).copy()
+            return x, t
         except SampleError as e:  # raised in the worker: re-raised here without its chain
             raise SampleError(str(e)) from None
         except BrokenProcessPool:
             raise SampleError(_died(self._name, self._indices)) from None
+        finally:
+            self._release()
 
     def cancel(self) -> bool:
-        return self._future.cancel()
+        if self._future.cancel():
+            self._release()
+            return True
+        self._future.add_done_callback(lambda _: self._release())  # nobody reads it now
+        return False
+
+    def _release(self) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self._slots.give_back(slot)
 
 
 def _died(name: str, indices: np.ndarray) -> str:
@@ -165,12 +207,16 @@ class Loader:
         sources: ``{name: Source}``; forked workers inherit them (nothing is pickled).
         workers: the most worker processes; ``self.workers`` is how many there are (0 when
             every source is in memory).
+        max_batch: the largest batch that will be asked for; with it (and the sources'
+            specs) workers hand batches over in shared memory, else pickled.
     """
 
-    def __init__(self, sources: Dict[str, Source], workers: int = 0):
+    def __init__(self, sources: Dict[str, Source], workers: int = 0, max_batch: int = 0):
         if workers < 0:
             raise ValueError(f'workers must be >= 0, got {workers}')
         self.sources = dict(sources)
+        self.max_batch = int(max_batch)
+        self._slots = None
         self._local = {name for name, source in self.sources.items()
                        if in_memory(source.dataset)}
         self.workers = int(workers) if set(self.sources) - self._local else 0
@@ -182,10 +228,14 @@ class Loader:
         """Forks the workers (once; the first ``submit`` does it otherwise). Call it before
         the training starts threads (a watchdog): a forked thread's locks stay locked."""
         if self.workers and self._pool is None and not self._closed:
+            sizes = [int(np.prod(source.spec.shape)) * 4 for source in self.sources.values()
+                     if source.spec is not None]
+            if self.max_batch and sizes:  # two batches per worker ahead, for train and test
+                self._slots = _Slots(4 * self.workers + 4, self.max_batch * max(sizes))
             context = multiprocessing.get_context('fork')
             self._pool = ProcessPoolExecutor(self.workers, mp_context=context,
                                              initializer=_worker_init,
-                                             initargs=(self.sources, os.getpid()))
+                                             initargs=(self.sources, self._slots, os.getpid()))
             # With fork, the first submit starts every worker: do it now.
             for future in [self._pool.submit(os.getpid) for _ in range(self.workers)]:
                 future.result()
@@ -200,12 +250,17 @@ class Loader:
         self.start()
         if self._pool is None or name in self._local:
             return _Deferred(lambda: read_batch(source, indices))
+        slot = None
+        if self._slots is not None and source.spec is not None:
+            slot = self._slots.take(len(indices) * int(np.prod(source.spec.shape)) * 4)
         try:
-            future = self._pool.submit(_read_in_worker, name, indices)
+            future = self._pool.submit(_read_in_worker, name, indices, slot)
         except BrokenProcessPool:  # an earlier worker died: this read fails where it is used
+            if slot is not None:
+                self._slots.give_back(slot)
             message = _died(source.name, indices)
             return _Deferred(lambda: _raise(message))
-        return _Pending(future, source.name, indices)
+        return _Pending(future, source.name, indices, self._slots, slot)
 
     def close(self) -> None:
         """Stops the workers (the batch each one is reading is finished first), after noting
@@ -229,8 +284,12 @@ def _raise(message: str):
     raise SampleError(message)
 
 
-def _worker_init(sources: Dict[str, Source], parent: int) -> None:
-    _WORKER['sources'] = sources
+def _worker_init(sources: Dict[str, Source], slots: Optional[_Slots], parent: int) -> None:
+    # What the training process had when it forked (its network, CUDA arrays on a GPU run)
+    # is never collected here: no page is copied for the collector, and no device memory
+    # is freed from a process that must not touch the device.
+    gc.freeze()
+    _WORKER['sources'], _WORKER['slots'] = sources, slots
     # Interrupts and termination are the training process's to handle (it stops the job at
     # a common iteration, then closes this pool); a worker only reads.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -251,8 +310,14 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _read_in_worker(name: str, indices: np.ndarray) -> Batch:
-    return read_batch(_WORKER['sources'][name], indices)
+def _read_in_worker(name: str, indices: np.ndarray, slot: Optional[int]):
+    """The batch (x, t); with a slot, x is written there and its shape is sent instead."""
+    source = _WORKER['sources'][name]
+    if slot is None:
+        return read_batch(source, indices)
+    shape = (len(indices),) + tuple(source.spec.shape)
+    _, t = read_batch(source, indices, out=_WORKER['slots'].view(slot, shape))
+    return shape, t
 
 
 def raise_if_any_failed(comm, failed: float, error: Optional[SampleError]) -> None:

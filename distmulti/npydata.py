@@ -127,11 +127,11 @@ class NpyDataset(chainer.dataset.DatasetMixin):
         self.__dict__.update(state)
         self._fd = os.open(self.x_path, os.O_RDONLY)
 
-    def __del__(self) -> None:
+    def __del__(self, _close=os.close) -> None:  # os may be gone at interpreter exit
         fd = getattr(self, '_fd', None)
         if fd is not None:
             try:
-                os.close(fd)
+                _close(fd)
             except OSError:
                 pass
 

@@ -193,13 +193,13 @@ def _open_data(config: TrainConfig, world, net: MultiHeadNet, device, train_data
                              for labels, name in _cheap_sources(sources)], None)  # collective
 
     spec = SampleSpec(first_x.shape, classes, net.head_names)
-    workers = _loader_workers(config, world)
-    loader = Loader({'train': Source(train_data, names[0], spec),
-                     'test': Source(test_data, names[1], spec)}, workers)
-    train_iter = TrainIterator(loader, 'train', n_train, config.batchsize,
-                               world_size=world.size, rank=world.rank, seed=config.seed)
     eval_batch = config.eval_batchsize or default_eval_batchsize(first_x.nbytes,
                                                                   config.batchsize)
+    loader = Loader({'train': Source(train_data, names[0], spec),
+                     'test': Source(test_data, names[1], spec)}, _loader_workers(config, world),
+                    max_batch=max(config.batchsize, eval_batch))
+    train_iter = TrainIterator(loader, 'train', n_train, config.batchsize,
+                               world_size=world.size, rank=world.rank, seed=config.seed)
     test_iter = EvalIterator(loader, 'test', *shard_bounds(n_test, world.size, world.rank),
                              eval_batch)
     return loader, train_iter, test_iter

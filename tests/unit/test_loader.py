@@ -48,20 +48,23 @@ class Indexed(chainer.dataset.DatasetMixin):
             t = np.array([12], np.int32)
         if problem == 'pid':
             x[:] = os.getpid()
+        if problem == 'slow':
+            time.sleep(0.5)
         return x, t
 
 
-def loader(dataset, workers, name='data'):
-    return Loader({'train': Source(dataset, name, SPEC)}, workers)
+def loader(dataset, workers, name='data', max_batch=0):
+    return Loader({'train': Source(dataset, name, SPEC)}, workers, max_batch=max_batch)
 
 
 def ids(batch):
     return [int(x[0, 0, 0]) for x, _ in batch]
 
 
-def test_workers_give_bitwise_the_batches_of_reading_in_process():
+@pytest.mark.parametrize('max_batch', [0, 4], ids=['pickled', 'shared-memory'])
+def test_workers_give_bitwise_the_batches_of_reading_in_process(max_batch):
     dataset = Indexed(23)
-    with loader(dataset, 0) as serial, loader(dataset, 2) as forked:
+    with loader(dataset, 0) as serial, loader(dataset, 2, max_batch=max_batch) as forked:
         a = TrainIterator(serial, 'train', 23, 4, world_size=2, rank=1, seed=7)
         b = TrainIterator(forked, 'train', 23, 4, world_size=2, rank=1, seed=7)
         for _ in range(9):  # across epoch boundaries
@@ -109,9 +112,10 @@ def test_a_checkpoint_without_a_stream_position_is_marked_legacy(tmp_path):
     assert it.legacy_checkpoint and it.samples_seen == 0
 
 
-def test_a_sample_error_in_a_worker_names_the_row_and_waits_for_its_batch():
+@pytest.mark.parametrize('max_batch', [0, 3], ids=['pickled', 'shared-memory'])
+def test_a_sample_error_in_a_worker_names_the_row_and_waits_for_its_batch(max_batch):
     dataset = Indexed(12, bad={5: 'nan'})
-    with loader(dataset, 2) as data:
+    with loader(dataset, 2, max_batch=max_batch) as data:
         first = data.submit('train', [0, 1, 2])
         bad = data.submit('train', [4, 5])
         after = data.submit('train', [6, 7])
@@ -141,6 +145,28 @@ def test_a_sample_of_a_split_is_named_by_its_row_in_the_users_data():
     assert [source_row(split, i) for i in range(3)] == [3, 1, 2]
     with pytest.raises(SampleError, match='data: sample 1 holds NaN'):
         read_example(Source(split, 'data', SPEC), 1)
+
+
+def test_shared_memory_slots_come_back_and_run_out_into_the_pickled_path():
+    with loader(Indexed(40, bad={30: 'slow'}), 1, max_batch=2) as data:
+        data.start()
+        slots = len(data._slots.free)
+        handles = [data.submit('train', [i, i + 1]) for i in range(0, 2 * slots + 4, 2)]
+        assert data._slots.free == []  # every slot busy: the rest travel pickled
+        big = data.submit('train', [0, 1, 2])  # larger than a slot: pickled
+        assert [ids(list(zip(*h.result()))) for h in handles] == \
+            [[i, i + 1] for i in range(0, 2 * slots + 4, 2)]
+        assert ids(list(zip(*big.result()))) == [0, 1, 2]
+        running = data.submit('train', [30, 31])
+        dropped = [data.submit('train', [i, i + 1]) for i in range(4)]
+        time.sleep(0.2)
+        assert not running.cancel()  # being read: its slot is freed when it is done
+        for handle in dropped:
+            handle.cancel()
+        deadline = time.monotonic() + 10
+        while len(data._slots.free) < slots and time.monotonic() < deadline:
+            time.sleep(0.05)  # a cancelled batch that was running frees its slot when done
+        assert len(data._slots.free) == slots
 
 
 def test_a_killed_worker_fails_the_batches_that_needed_it_with_a_clear_error():
