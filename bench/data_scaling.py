@@ -2,7 +2,7 @@
 
     python bench/data_scaling.py [--small-gb 0.5] [--large-gb 4] [--pngs 3000]
                                  [--iterations 40] [--batchsize 32] [--rounds 3] [--tmp /tmp]
-                                 [--network light|default]
+                                 [--network light|default] [--ranks 2] [--only LABEL]
 
 Generates, in a temporary folder under --tmp (its free space is checked first; everything is
 deleted at the end): npy: folders of about --small-gb and --large-gb of 3 x 64 x 64 float32
@@ -131,7 +131,7 @@ def folder_bytes(path):
 
 def run_one(spec, test_spec, out, args, workers=None):
     """One `distmulti launch -n 2` training; what the ranks reported."""
-    cmd = [sys.executable, '-m', 'distmulti', 'launch', '-n', '2', '--', 'train',
+    cmd = [sys.executable, '-m', 'distmulti', 'launch', '-n', str(args.ranks), '--', 'train',
            '--dataset', spec, '--test-dataset', test_spec, '--heads', str(HEADS),
            '--iterations', str(args.iterations), '--batchsize', str(args.batchsize),
            '--eval-interval', '1000000', '--checkpoint-interval', '1000000',
@@ -155,6 +155,8 @@ def run_one(spec, test_spec, out, args, workers=None):
             'worker_mb': max(r['loader_peak_rss_mb'] for r in ranks),
             'workers': ranks[0]['loader_workers'],
             'wait_s': max(r['data_wait_s'] for r in ranks),
+            'cpu_s': sum(r['cpu_s'] for r in ranks),
+            'loader_cpu_s': sum(r['loader_cpu_s'] for r in ranks),
             'samples_s': result['global_batchsize'] / resources['median_iteration_s'],
             'mean_samples_s': resources['train_samples_per_s']}
 
@@ -170,6 +172,8 @@ def main():
     parser.add_argument('--tmp', default=tempfile.gettempdir())
     parser.add_argument('--no-npz', action='store_true', help='skip the in-memory npz: rows')
     parser.add_argument('--network', choices=('light', 'default'), default='light')
+    parser.add_argument('--ranks', type=int, default=2,
+                        help='ranks per run (1 leaves this machine a core for the workers)')
     parser.add_argument('--only', default='', help='run the configurations whose label '
                                                    'contains this (e.g. csv)')
     args = parser.parse_args()
@@ -230,7 +234,8 @@ def main():
                 m = results[label][-1]
                 print(f'round {r + 1} {label}: first iteration {m["startup_s"]:.1f} s, '
                       f'rss {m["rss_mb"]} MB, {m["samples_s"]:.1f} samples/s (mean '
-                      f'{m["mean_samples_s"]:.1f}), waited {m["wait_s"]:.2f} s for data',
+                      f'{m["mean_samples_s"]:.1f}), waited {m["wait_s"]:.2f} s for data, '
+                      f'CPU s: ranks {m["cpu_s"]:.1f}, workers {m["loader_cpu_s"]:.1f}',
                       flush=True)
         report(configs, results, args)
         loader_alone(configs, args)
@@ -240,12 +245,13 @@ def main():
 
 def report(configs, results, args):
     med = statistics.median
-    print(f'\n2 ranks (distmulti launch -n 2), {args.network} network, batch '
-          f'{args.batchsize} per rank, {args.iterations} iterations, 3 x 64 x 64 inputs, '
+    print(f'\n{args.ranks} ranks (distmulti launch -n {args.ranks}), {args.network} network, '
+          f'batch {args.batchsize} per rank, {args.iterations} iterations, 3 x 64 x 64 inputs, '
           f'{HEADS} heads, default loader workers; medians of {args.rounds} rounds\n')
     print('| data | samples | on disk | loader workers per rank | first iteration s '
-          '| peak memory per rank MB | loader worker peak MB | samples/s | waited for data s |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
+          '| peak memory per rank MB | loader worker peak MB | samples/s | waited for data s '
+          '| CPU s ranks + workers |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
     for label, _, _, n, size, _ in configs:
         rows = results[label]
         rss = med([max(m['rss_mb']) for m in rows])
@@ -253,7 +259,9 @@ def report(configs, results, args):
               f'| {med([m["startup_s"] for m in rows]):.1f} '
               f'| {rss:.0f} | {med([m["worker_mb"] for m in rows]):.0f} '
               f'| {med([m["samples_s"] for m in rows]):.1f} '
-              f'| {med([m["wait_s"] for m in rows]):.2f} |')
+              f'| {med([m["wait_s"] for m in rows]):.2f} '
+              f'| {med([m["cpu_s"] for m in rows]):.0f} + '
+              f'{med([m["loader_cpu_s"] for m in rows]):.0f} |')
 
     def per_round(a, b, key, op):
         return med([op(x[key] if key != 'rss_mb' else max(x[key]),

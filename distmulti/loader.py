@@ -29,7 +29,7 @@ from chainer.datasets import SubDataset
 from distmulti.datasets import in_memory
 from distmulti.errors import DistmultiError, SampleError
 from distmulti.models import IGNORE_LABEL
-from distmulti.runstats import peak_rss_mb
+from distmulti.runstats import cpu_s, peak_rss_mb
 
 Batch = Tuple[np.ndarray, np.ndarray]
 _WORKER: Dict[str, Any] = {}  # a worker process's sources, set by _worker_init
@@ -223,6 +223,7 @@ class Loader:
         self._pool = None
         self._closed = False
         self.worker_peak_rss_mb = 0.0  # the largest worker's peak, read when it is stopped
+        self.worker_cpu_s = 0.0        # the workers' CPU seconds together, read then too
 
     def start(self) -> None:
         """Forks the workers (once; the first ``submit`` does it otherwise). Call it before
@@ -264,12 +265,14 @@ class Loader:
 
     def close(self) -> None:
         """Stops the workers (the batch each one is reading is finished first), after noting
-        the largest one's peak memory in ``worker_peak_rss_mb``."""
+        the largest one's peak memory (``worker_peak_rss_mb``) and their CPU time
+        (``worker_cpu_s``)."""
         self._closed = True
         if self._pool is not None:
             # CPython keeps the workers by pid; a pid it does not have reads as 0.
             pids = list(getattr(self._pool, '_processes', None) or ())
             self.worker_peak_rss_mb = max([peak_rss_mb(pid) for pid in pids] + [0.0])
+            self.worker_cpu_s = sum(cpu_s(pid) for pid in pids)
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 

@@ -44,6 +44,16 @@ def peak_rss_mb(pid='self') -> float:
     return value / (1024.0 * 1024.0) if sys.platform == 'darwin' else value / 1024.0
 
 
+def cpu_s(pid) -> float:
+    """CPU seconds (user + system) a process has used, from /proc; 0.0 when unreadable."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class RunStats(chainer.training.Extension):
     """Notes the end of the first and of the latest iteration (before other extensions run).
 
@@ -60,6 +70,7 @@ class RunStats(chainer.training.Extension):
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self.clock = clock
         self.started = clock()
+        self.cpu_at_start = time.process_time()
         self.age_at_start = process_age_s()
         self.first = self.last = None  # (time, iteration)
         self._intervals = collections.deque(maxlen=self.KEEP)
@@ -81,15 +92,17 @@ class RunStats(chainer.training.Extension):
         pass  # nothing of it belongs in a checkpoint
 
     def rank_summary(self, loader_workers: int = 0, loader_peak_mb: float = 0.0,
-                     data_wait_s: float = 0.0) -> Dict[str, Any]:
-        """This rank's numbers (its loader workers, their largest peak memory, and the time
-        training waited for batches to be read)."""
+                     data_wait_s: float = 0.0, loader_cpu_s: float = 0.0) -> Dict[str, Any]:
+        """This rank's numbers (its loader workers, their largest peak memory and CPU time,
+        and the time training waited for batches to be read)."""
         startup = None
         if self.first is not None:
             startup = self.first[0] - self.started + (self.age_at_start or 0.0)
         return {'startup_s': startup, 'peak_rss_mb': round(peak_rss_mb(), 1),
                 'loader_workers': loader_workers, 'loader_peak_rss_mb': round(loader_peak_mb, 1),
-                'data_wait_s': round(data_wait_s, 3)}
+                'data_wait_s': round(data_wait_s, 3),
+                'cpu_s': round(time.process_time() - self.cpu_at_start, 2),
+                'loader_cpu_s': round(loader_cpu_s, 2)}
 
     def samples_per_s(self, global_batch: int) -> Optional[float]:
         """Global training samples per second after the first iteration (evaluations and
@@ -101,7 +114,8 @@ class RunStats(chainer.training.Extension):
     def summary(self, world, global_batch: int, loader=None,
                 data_wait_s: float = 0.0) -> Dict[str, Any]:
         """Every rank's numbers, and rank 0's samples/s. Collective."""
-        mine = (self.rank_summary(loader.workers, loader.worker_peak_rss_mb, data_wait_s)
+        mine = (self.rank_summary(loader.workers, loader.worker_peak_rss_mb, data_wait_s,
+                                  loader.worker_cpu_s)
                 if loader else self.rank_summary(data_wait_s=data_wait_s))
         median = self.median_iteration_s()
         return {'ranks': world.allgather_obj(mine),

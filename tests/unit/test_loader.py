@@ -193,6 +193,7 @@ def test_workers_ignore_interrupts_and_stop_on_close():
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # ended and reaped
     assert data.worker_peak_rss_mb > 1  # MB, read from /proc before they stopped
+    assert data.worker_cpu_s >= 0.0
     with pytest.raises(RuntimeError, match='closed'):
         data.submit('train', [1])
 

@@ -36,7 +36,9 @@ def test_first_iteration_and_samples_per_second_come_from_the_clock():
     mine = stats.rank_summary()
     assert mine['startup_s'] == 4.5 + (stats.age_at_start or 0.0)
     summary = stats.summary(LocalComm(), 64)
-    assert summary['ranks'] == [mine] and summary['median_iteration_s'] == 0.5
+    (theirs,) = summary['ranks']
+    assert theirs.pop('cpu_s') >= mine.pop('cpu_s') >= 0  # CPU time moves on
+    assert theirs == mine and summary['median_iteration_s'] == 0.5
     assert summary['train_samples_per_s'] == pytest.approx(85.33, abs=0.01)
 
 
