@@ -136,9 +136,10 @@ class TrainConfig:
 
     # -- data loading (sharded, lazy)
     loader_workers: Optional[int] = option(
-        None, 'processes per rank that read and decode samples ahead of training; 0 reads '
-              'them in the training process (default: 0 for in-memory data, else from the '
-              'cores per rank, 1 to 8)', metavar='N', resume_free=True, show_default=False)
+        None, 'processes per rank that read and decode lazy (npy:, csv:) samples ahead of '
+              'training; 0 reads them in the training process (default: from the cores per '
+              'rank, 1 to 8; in-memory data is always read in the training process)',
+        metavar='N', resume_free=True, show_default=False)
     eval_batchsize: Optional[int] = option(
         None, 'evaluation batch per rank (default: the training batch, or more while one '
               'batch of inputs stays under 4 MiB; at most 500)', metavar='N',
