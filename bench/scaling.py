@@ -28,7 +28,9 @@ def worker(args):
     import chainer
     from chainer import optimizers as O
     from distmulti.comm import create_world
-    from distmulti.data import ShuffledIterator, digit_strips
+    from distmulti.data import digit_strips
+    from distmulti.iterators import TrainIterator
+    from distmulti.loader import Loader, Source
     from distmulti.models import BaseCNN, MLPHead, MultiHeadNet
     from distmulti.updater import MultiHeadUpdater
 
@@ -45,7 +47,9 @@ def worker(args):
     for name in ['base'] + net.head_names:
         opts[name] = O.MomentumSGD(lr=0.01)
         opts[name].setup(getattr(net, name))
-    it = ShuffledIterator(train.dataset(), args.batchsize, seed=world.rank)
+    data = train.dataset()
+    it = TrainIterator(Loader({'train': Source(data, 'train')}), 'train', len(data),
+                       args.batchsize, world_size=world.size, rank=world.rank)
     upd = MultiHeadUpdater(it, net, opts, comm=world, grad_sync=args.grad_sync)
     reporter = chainer.Reporter()
     per_iter = []

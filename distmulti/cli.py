@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     '--dataset): per-head accuracy and confusion matrices, '
                                     'printed and saved as PNG and JSON.')
     ev.add_argument('run', metavar='RUN', help='the --out folder of a completed training')
-    ev.add_argument('--dataset', metavar='npz:PATH|csv:PATH', help='data to evaluate on')
+    ev.add_argument('--dataset', metavar='npz:PATH|npy:DIR|csv:PATH', help='data to evaluate on')
     ev.add_argument('--model-file', help='parameters to use (default RUN/model.npz)')
     ev.add_argument('--out', help='where PNGs and evaluation.json go (default RUN/evaluation)')
     ev.add_argument('--device', '-d', default='@numpy', help='as for train (default CPU)')
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     'predicted class of every head.')
     pr.add_argument('run', metavar='RUN', help='the --out folder of a completed training')
     pr.add_argument('inputs', nargs='+', metavar='INPUT',
-                    help='npz:PATH (its array x) or image files')
+                    help='npz:PATH (its array x), npy:DIR (its x.npy) or image files')
     pr.add_argument('--model-file', help='parameters to use (default RUN/model.npz)')
     pr.add_argument('--output', '-o', help='write the CSV here instead of stdout')
     pr.add_argument('--device', '-d', default='@numpy', help='as for train (default CPU)')
@@ -188,14 +188,20 @@ def run_evaluate(args: argparse.Namespace) -> int:
     device = devices.select(normalize_device(args.device))  # current before any CUDA work
     config, net = inference.load_run(args.run)
     if args.dataset:
+        from distmulti.csvdata import parse_image_size
         from distmulti.datasets import load_dataset
-        data = load_dataset(args.dataset)
+        data = load_dataset(args.dataset, parse_image_size(config.image_size))
     else:
         data = inference.run_data(config)[1]
+    sample = data[0][0]
     inference.load_parameters(net, args.model_file or os.path.join(args.run, MODEL_FILE),
-                              data[0][0])
+                              sample)
     net.to_device(device)
-    report = inference.evaluate_model(net, data, device=device)
+    workers = (config.loader_workers if config.loader_workers is not None
+               else inference.default_workers())
+    report = inference.evaluate_model(net, data, inference.eval_batchsize(config, sample),
+                                      device=device, loss_weights=config.weights,
+                                      workers=workers, name=args.dataset or 'test data')
     metrics = report['metrics']
     source = args.dataset or "the run's test data"
     print(f'evaluated {int(metrics["samples"])} samples ({source})')

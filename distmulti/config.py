@@ -22,7 +22,7 @@ OPTIMIZER_KEYS = ('type', 'lr', 'warmup', 'lr_decay', 'lr_step', 'lr_gamma', 'lr
                   'weight_decay', 'grad_clip')
 _DEVICE_RE = re.compile(r'^@cupy:(\d+)$')
 _MODEL_RE = re.compile(r'^[A-Za-z_][\w.]*:[A-Za-z_]\w*$')
-DATASET_KINDS = ('npz', 'csv')
+DATASET_KINDS = ('npz', 'npy', 'csv')
 # Learning-rate schedules (distmulti.schedule), scaling rules, gradient-exchange dtypes.
 DECAYS = ('constant', 'step', 'exponential', 'cosine')
 LR_SCALINGS = ('none', 'linear')
@@ -138,9 +138,10 @@ class TrainConfig:
                                         'MultiHeadNet', metavar='PACKAGE.MODULE:FACTORY',
                                   show_default=False)
     dataset: Optional[str] = option(None, 'your data (default: the embedded digit strips)',
-                                    metavar='npz:PATH|csv:PATH', show_default=False)
+                                    metavar='npz:PATH|npy:DIR|csv:PATH', show_default=False)
     test_dataset: Optional[str] = option(None, 'test data (default: a seeded --test-fraction '
-                                               'of --dataset)', metavar='npz:PATH|csv:PATH',
+                                               'of --dataset)',
+                                         metavar='npz:PATH|npy:DIR|csv:PATH',
                                          show_default=False)
     test_fraction: float = option(0.2, 'share of --dataset held out for testing')
     train_size: int = option(6000, 'embedded training strips')
@@ -192,6 +193,20 @@ class TrainConfig:
     sync_bn: bool = option(False, 'replace every BatchNormalization link of the network by '
                                   'ChainerMN\'s multi-node one: statistics over the global '
                                   'batch instead of each rank\'s')
+
+    # -- data loading (sharded, lazy)
+    loader_workers: Optional[int] = option(
+        None, 'processes per rank that read and decode lazy (npy:, csv:) samples ahead of '
+              'training; 0 reads them in the training process (default: from the cores per '
+              'rank, 1 to 8; in-memory data is always read in the training process)',
+        metavar='N', resume_free=True, show_default=False)
+    eval_batchsize: Optional[int] = option(
+        None, 'evaluation batch per rank (default: the training batch, or more while one '
+              'batch of inputs stays under 4 MiB; at most 500)', metavar='N',
+        resume_free=True, show_default=False)
+    image_size: Optional[str] = option(
+        None, 'csv: datasets: resize every image to WIDTHxHEIGHT (default: every image must '
+              'have the size of the first)', metavar='WxH', show_default=False)
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -359,7 +374,7 @@ class TrainConfig:
             if spec is not None and (not isinstance(spec, str)
                                      or spec.split(':', 1)[0] not in DATASET_KINDS
                                      or ':' not in spec):
-                raise ConfigError(f'{key} must be npz:PATH or csv:PATH, got {spec!r}')
+                raise ConfigError(f'{key} must be npz:PATH, npy:DIR or csv:PATH, got {spec!r}')
         if self.test_dataset is not None and self.dataset is None:
             raise ConfigError('test_dataset needs dataset (the training data) too')
         if (not isinstance(self.test_fraction, (int, float)) or isinstance(self.test_fraction, bool)
@@ -403,6 +418,17 @@ class TrainConfig:
                                   f'use communicator auto or pure_nccl')
         if not isinstance(self.sync_bn, bool):
             raise ConfigError(f'sync_bn must be true or false, got {self.sync_bn!r}')
+        # -- data loading (sharded, lazy)
+        if self.loader_workers is not None:
+            _check_int('loader_workers', self.loader_workers, minimum=0)
+        if self.eval_batchsize is not None:
+            _check_int('eval_batchsize', self.eval_batchsize, minimum=1)
+        if self.image_size is not None:
+            from distmulti.csvdata import parse_image_size
+            try:
+                parse_image_size(self.image_size)
+            except ValueError as e:
+                raise ConfigError(f'image_size: {e}') from None
         return self
 
 

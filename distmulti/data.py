@@ -1,4 +1,4 @@
-"""Embedded data (multi-digit strips from scikit-learn's bundled digits), label checks, iterators.
+"""Embedded data (multi-digit strips from scikit-learn's bundled digits) and label checks.
 
 Each sample is K real 8x8 handwritten digits side by side (1 x 8 x 8K); its label row holds the
 K digits, one column per head. Source images are split once into train and test pools, so no
@@ -11,7 +11,6 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from chainer.datasets import TupleDataset
-from chainer.iterators import SerialIterator, _statemachine
 
 from distmulti.errors import ConfigError, DataError
 from distmulti.models import IGNORE_LABEL
@@ -133,29 +132,3 @@ def check_labels(y: np.ndarray, classes: Sequence[Optional[int]], where: str,
             raise DataError(f'{where}: {name} label {int(col[row])} at row {row} is outside '
                             f'{allowed} ({int(bad.sum())} bad labels in that column)',
                             collective=True)
-
-
-class ShuffledIterator(SerialIterator):
-    """A SerialIterator whose shuffling is a pure function of its seed and position.
-
-    ``seek(n)`` puts it exactly where it would be after ``n`` batches from the start, without
-    reading any example. Resuming uses it instead of restoring an iterator state from the
-    checkpoint, so a resumed run draws the same batches as an uninterrupted one, and a run
-    resumed on a different number of ranks gets a consistent position on its new shard.
-    """
-
-    def __init__(self, dataset, batch_size: int, seed: int, repeat: bool = True):
-        self._seed = seed
-        self._rng = np.random.RandomState(seed)
-        super().__init__(dataset, batch_size, repeat=repeat, shuffle=None,
-                         order_sampler=lambda order, pos: self._rng.permutation(len(order)))
-
-    def seek(self, n_batches: int) -> None:
-        """Moves to the state after ``n_batches`` batches from the beginning."""
-        self._rng = np.random.RandomState(self._seed)
-        self.reset()
-        for _ in range(n_batches):
-            self._previous_epoch_detail = self.epoch_detail
-            self._state, _ = _statemachine.iterator_statemachine(
-                self._state, self.batch_size, self.repeat, self.order_sampler,
-                len(self.dataset))

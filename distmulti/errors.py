@@ -46,3 +46,6 @@ class NonFiniteLossError(DistmultiError, FloatingPointError):
 
 class ExportError(DistmultiError, ValueError):
     """The network cannot be written as ONNX (or the onnx package is missing)."""
+
+class SampleError(DataError):
+    """A sample could not be read, or what was read is not valid (names the file or row)."""

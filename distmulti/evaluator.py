@@ -4,6 +4,11 @@ Chainer's Evaluator averages per-batch means, which over-weights a short last ba
 sums per-head correct counts, labelled-sample counts and loss x count over every batch, then
 reduces the sums across ranks (``comm.allreduce_sum``) before dividing, so the numbers are the
 exact global ones whatever the batch or shard sizes.
+
+A sample that cannot be read on one rank (``SampleError``) ends that rank's pass; the same
+all-reduce carries a "failed" count, so every rank then raises the same error instead of
+waiting for the failed one. The result of the last evaluation a trainer triggered is kept
+(``result_at``), so that a final evaluation at the same iteration is not run twice.
 """
 import copy
 
@@ -15,6 +20,8 @@ from chainer.training import extensions
 
 from distmulti import watchdog
 from distmulti.comm import LocalComm
+from distmulti.errors import SampleError
+from distmulti.loader import raise_if_any_failed
 from distmulti.metrics import Layout, batch_stats, summarize
 
 
@@ -30,6 +37,19 @@ class MultiHeadEvaluator(extensions.Evaluator):
         self.name = name
         self.comm = comm or LocalComm()
         self.loss_weights = [1.0] * net.n_heads if loss_weights is None else list(loss_weights)
+        self._last = None      # (iteration, result) of the last evaluation a trainer triggered
+
+    def __call__(self, trainer=None):
+        result = super().__call__(trainer)
+        if trainer is not None:
+            self._last = (trainer.updater.iteration, result)
+        return result
+
+    def result_at(self, iteration: int):
+        """The result of the evaluation a trainer triggered at ``iteration``, else None."""
+        if self._last is not None and self._last[0] == iteration:
+            return self._last[1]
+        return None
 
     def evaluate(self):
         net = self.get_target('main')
@@ -43,19 +63,31 @@ class MultiHeadEvaluator(extensions.Evaluator):
             it = iterator
         else:
             it = copy.copy(iterator)
-        # The per-head sums of metrics.Layout, then the number of samples evaluated.
-        totals = np.zeros(Layout(net.n_heads).size + 1)
+        # The per-head sums of metrics.Layout, then the number of samples evaluated, then the
+        # count of ranks whose test shard could not be read.
+        totals = np.zeros(Layout(net.n_heads).size + 2)
+        error = None
         with chainer.using_config('train', False), chainer.no_backprop_mode():
-            for batch in it:
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                except SampleError as e:  # this rank stops; the all-reduce tells the others
+                    error, totals[-1] = e, 1
+                    if hasattr(it, 'stop'):
+                        it.stop()
+                    break
                 x, t = convert._call_converter(self.converter, batch, self.device)
-                totals[:-1] += batch_stats(net.head_outputs(x, t), t)
-                totals[-1] += len(batch)
+                totals[:-2] += batch_stats(net.head_outputs(x, t), t)
+                totals[-2] += len(batch)
                 watchdog.beat()  # progress, for the hang watchdog if one runs
         # The one collective of an evaluation: every rank reaches it once, whatever its shard.
         totals = self.comm.allreduce_sum(totals)
+        raise_if_any_failed(self.comm, totals[-1], error)                  # collective
         prefix = f'{self.name}/main/'
-        result = summarize(totals[:-1], self.loss_weights, prefix, net.head_names)
-        result[f'{prefix}samples'] = float(totals[-1])
+        result = summarize(totals[:-2], self.loss_weights, prefix, net.head_names)
+        result[f'{prefix}samples'] = float(totals[-2])
         # accuracy_all is over the samples with a label for at least one logits head.
-        result[f'{prefix}accuracy_all_samples'] = float(totals[-2])
+        result[f'{prefix}accuracy_all_samples'] = float(totals[-3])
         return result

@@ -13,13 +13,12 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, NamedTuple, Optional
 
 import numpy as np
 
 import chainer
 from chainer import training
-from chainer.iterators import SerialIterator
 from chainer.training import extensions
 
 from distmulti import (checkpoint, devices, errors, outdir, plots, recipe, stopping,
@@ -30,21 +29,22 @@ from distmulti.comm import NCCL_COMMUNICATORS, choose_communicator, create_world
 from distmulti import watchdog as watchdog_module
 from distmulti.watchdog import Watchdog, WatchdogExtension, busy as watchdog_busy
 from distmulti.config import TrainConfig
-from distmulti.data import (ShuffledIterator, check_embedded_size, check_label_shape,
-                            check_labels, digit_strips)
-from distmulti.datasets import labels_array, load_dataset, split_dataset
+from distmulti.csvdata import parse_image_size
+from distmulti.data import check_embedded_size, check_label_shape, check_labels, digit_strips
+from distmulti.datasets import cheap_labels, load_dataset, split_dataset
 from distmulti.errors import (CheckpointError, ConfigError, DataError, DeviceError,
                               DistmultiError, TrainingStopped)
 from distmulti.evaluator import MultiHeadEvaluator
+from distmulti.iterators import EvalIterator, TrainIterator
+from distmulti.loader import Loader, SampleSpec, Source, read_example
 from distmulti.models import MultiHeadNet, default_net
 from distmulti.optim import create_optimizer
+from distmulti.runstats import RunStats
+from distmulti.sampling import (cores_per_rank, default_eval_batchsize, default_loader_workers,
+                                shard_bounds)
 from distmulti.schedule import RateObserver
 from distmulti.timing import IterationTimer
 from distmulti.updater import MultiHeadUpdater
-
-EVAL_BATCHSIZE = 500
-# Iterator positions are recomputed from the iteration count on resume (see ShuffledIterator).
-_ITERATOR_KEYS = 'updater/iterator:'
 
 
 def _stderr_log(msg: str) -> None:
@@ -66,10 +66,12 @@ def train(config: TrainConfig, net: Optional[MultiHeadNet] = None, *, base=None,
             ``config.heads`` is taken from the network.
         optimizers: ``{'base': opt, '<head>': opt, ...}`` (set up here if not yet), or a
             factory ``f(name, link) -> optimizer``; default: ``config.optimizer(s)``/``lr``.
-        train_data, test_data: datasets of (x, t) pairs, t of shape (K,); without
-            ``test_data`` a seeded ``config.test_fraction`` of ``train_data`` is held out.
-            Default: ``config.dataset`` or the embedded digit strips. Under MPI only rank 0's
-            are used (others may pass None).
+        train_data, test_data: datasets of (x, t) pairs (any Chainer dataset, lazy ones
+            included), x float32, t int32 of shape (K,); without ``test_data`` a seeded
+            ``config.test_fraction`` of ``train_data`` is held out. Default:
+            ``config.dataset`` or the embedded digit strips. Under MPI every rank passes the
+            same datasets and reads only its own samples of them (nothing is sent between
+            ranks); ``config.loader_workers`` processes per rank read them ahead.
         comm: the process group (default: MPI.COMM_WORLD under mpiexec, else one process).
         log: where one-line messages go (default: stderr).
         handle_signals: when called from the main thread, SIGTERM, SIGINT, SIGHUP and
@@ -144,62 +146,47 @@ def _claim_output(config: TrainConfig, run_id: str, log) -> outdir.OutputLock:
     return lock
 
 
+class Run(NamedTuple):
+    """What ``_set_up`` built for one training, on this rank."""
+
+    trainer: training.Trainer
+    updater: MultiHeadUpdater
+    evaluator: MultiHeadEvaluator
+    checkpointer: checkpoint.Checkpointer
+    lineage: str
+    loader: Loader
+    train_iter: TrainIterator
+    stats: RunStats
+
+
 def _train(config: TrainConfig, net: MultiHeadNet, world, device, run_id: str, network: str,
            optimizers, train_data, test_data, log, extra_extensions) -> Dict[str, Any]:
     with watchdog_busy('setting up'):
         # Local work and start-up collectives: a rank that stops or dies here is still seen
         # by the watchdog (its heartbeats stop); a slow set-up does not count as a hang.
-        trainer, updater, evaluator, checkpointer, lineage = _set_up(
-            config, net, world, device, run_id, optimizers, train_data, test_data, log,
-            extra_extensions)
-    start = time.perf_counter()
-    trainer.run(show_loop_exception_msg=False)
-    return _finish(config, net, world, run_id, network, trainer, updater, evaluator,
-                   checkpointer, lineage, start, log)
+        run = _set_up(config, net, world, device, run_id, optimizers, train_data, test_data,
+                      log, extra_extensions)
+    run.loader.start()  # forks the loader workers (they ignore stop signals, die with us)
+    try:
+        start = time.perf_counter()
+        run.trainer.run(show_loop_exception_msg=False)
+        return _finish(config, net, world, run_id, network, run, start, log)
+    finally:
+        run.loader.close()
 
 
 def _set_up(config: TrainConfig, net: MultiHeadNet, world, device, run_id: str, optimizers,
-            train_data, test_data, log, extra_extensions):
+            train_data, test_data, log, extra_extensions) -> Run:
     """Data, optimizers, updater, trainer and extensions; resumes if asked."""
     root_log = log if world.is_root else (lambda msg: None)
 
-    train_data, test_data, sources = _on_root(
-        world, lambda: _load_data(config, train_data, test_data), (None, None, []))  # collective
-    full_train, full_test = train_data, test_data
-    if world.size > 1:                                                  # collective
-        import chainermn
-        train_data = chainermn.scatter_dataset(train_data, world.mn, shuffle=True,
-                                               seed=config.seed)
-        test_data = chainermn.scatter_dataset(test_data, world.mn, force_equal_length=False)
-        full_train, full_test = train_data._dataset, test_data._dataset
-    # From here every rank holds the same full datasets: the checks agree on every rank.
-    for name, data in (('training data', full_train), ('test data', full_test)):
-        if len(data) == 0:
-            raise DataError(f'the {name} is empty', collective=True)
-    if config.batchsize > len(train_data):
-        shard = (f'this rank\'s shard ({len(train_data)} of {len(full_train)} samples over '
-                 f'{world.size} ranks)' if world.size > 1
-                 else f'the training data ({len(train_data)} samples)')
-        raise ConfigError(f'batchsize {config.batchsize} is larger than {shard}; use at most '
-                          f'{len(train_data)}', collective=True)
-
-    _on_root(world, lambda: [check_label_shape(labels_array(data), net.n_heads, name)
-                             for data, name in sources], None)          # collective
-    net.to_device(device)
-    first_x, first_t = chainer.dataset.concat_examples([full_train[0]], device)
-    try:
-        classes = net.initialize(first_x, first_t)
-    except DataError as e:
-        raise DataError(str(e), collective=True) from None
-    _on_root(world, lambda: [check_labels(labels_array(data), classes, name, net.head_names)
-                             for data, name in sources], None)          # collective
+    stats = RunStats()
+    loader, train_iter, test_iter = _open_data(config, world, net, device, train_data,
+                                               test_data)                 # collective
     optimizers = _make_optimizers(config, net, optimizers)
     schedules = recipe.apply(config, net, optimizers, world,
-                             recipe.total_iterations(config, len(train_data)), root_log)
-
-    train_iter = ShuffledIterator(train_data, config.batchsize, seed=config.seed + world.rank)
-    test_iter = SerialIterator(test_data, max(config.batchsize, EVAL_BATCHSIZE),
-                               repeat=False, shuffle=False)
+                             recipe.total_iterations(config, train_iter.n / world.size),
+                             root_log)
     updater = MultiHeadUpdater(train_iter, net, optimizers, loss_weights=config.weights,
                                backward=config.backward, frozen=config.freeze, comm=world,
                                grad_sync=config.grad_sync, device=device,
@@ -209,8 +196,9 @@ def _set_up(config: TrainConfig, net: MultiHeadNet, world, device, run_id: str, 
                                out=config.out)
     evaluator = MultiHeadEvaluator(test_iter, net, loss_weights=config.weights,
                                    device=device, comm=world)
-    checkpointer = _add_extensions(trainer, evaluator, config, len(train_data), world,
+    checkpointer = _add_extensions(trainer, evaluator, config, train_iter.n, world,
                                    watchdog_module.current(), run_id)
+    trainer.extend(stats)
     user_extensions.register(trainer, extra_extensions, world.is_root)
 
     lineage = run_id
@@ -219,24 +207,30 @@ def _set_up(config: TrainConfig, net: MultiHeadNet, world, device, run_id: str, 
     checkpointer.manifest['lineage'] = lineage
     _on_root(world, lambda: outdir.set_aside(                           # collective
         config.out, updater.iteration if config.resume else None, log), None)
-    return trainer, updater, evaluator, checkpointer, lineage
+    return Run(trainer, updater, evaluator, checkpointer, lineage, loader, train_iter, stats)
 
 
 def _finish(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network: str,
-            trainer, updater, evaluator, checkpointer, lineage, start: float, log
-            ) -> Dict[str, Any]:
+            run: Run, start: float, log) -> Dict[str, Any]:
     """After the training loop: a stop, or the final evaluation, model and result."""
     root_log = log if world.is_root else (lambda msg: None)
+    updater = run.updater
     if updater.stop_agreed and not _is_last_iteration(config)(updater):
         request = stopping.current()
         why = (f'on {stopping.signal_name(request.signum)}' if request and request.signum
                else 'on another rank\'s request')
         raise TrainingStopped(
             f'stopped {why} at iteration {updater.iteration}; wrote '
-            f'{checkpointer.last_written[1]}; continue with --resume auto', collective=True)
-    final = evaluator.evaluate()                                        # collective
+            f'{run.checkpointer.last_written[1]}; continue with --resume auto',
+            collective=True)
+    # The last report's evaluation when it ran at this iteration (the same on every rank),
+    # else one now.
+    final = run.evaluator.result_at(updater.iteration)
+    if final is None:
+        final = run.evaluator.evaluate()                                # collective
     wall = time.perf_counter() - start
     prefix = 'validation/main/'
+    global_batch = config.batchsize * config.accumulate * world.size
     result = {
         'test': {key[len(prefix):]: value for key, value in final.items()},
         'iterations': updater.iteration,
@@ -244,10 +238,13 @@ def _finish(config: TrainConfig, net: MultiHeadNet, world, run_id: str, network:
         'wall_time_s': wall,
         'run_id': run_id,
         'job_id': outdir.job_id(),
-        'lineage': lineage,
+        'lineage': run.lineage,
         'network': network,
         'world_size': world.size,
-        'global_batchsize': config.batchsize * config.accumulate * world.size,
+        'global_batchsize': global_batch,
+        'train_samples_seen': run.train_iter.samples_seen,
+        'resources': run.stats.summary(world, global_batch, run.loader,
+                                       run.train_iter.wait_s),          # collective
         'version': __version__,
         'config': config.to_dict(),
     }
@@ -287,6 +284,57 @@ class StopTrigger:
         """The wrapped trigger's length (the progress bar asks for it)."""
         return self.trigger.get_training_length()
 
+def _open_data(config: TrainConfig, world, net: MultiHeadNet, device, train_data, test_data):
+    """(loader, train iterator, test iterator) of this rank; also moves ``net`` to ``device``
+    and sizes its lazy layers on the first training sample. Collective.
+
+    Every rank opens the same datasets and reads only its own samples of them; what can be
+    checked without reading images (lengths, labels) is checked here, on every rank alike.
+    """
+    given = world.allgather_obj(train_data is not None)                 # collective
+    if len(set(given)) > 1:
+        missing = ', '.join(str(rank) for rank, ok in enumerate(given) if not ok)
+        raise ConfigError(f'train_data was not given on rank(s) {missing}; every rank must '
+                          f'pass the same datasets (each reads only its own samples of them, '
+                          f'nothing is sent between ranks)', collective=True)
+    train_data, test_data, sources, names = _on_every_rank(
+        world, lambda: _load_data(config, train_data, test_data))     # collective
+    n_train, n_test = _agree_on_lengths(world, train_data, test_data)  # collective
+    for name, n in (('training data', n_train), ('test data', n_test)):
+        if n == 0:
+            raise DataError(f'the {name} is empty', collective=True)
+    if config.batchsize * world.size > n_train:
+        raise ConfigError(_batch_too_large(config.batchsize, world.size, n_train),
+                          collective=True)
+
+    _on_root(world, lambda: [check_label_shape(labels, net.n_heads, name)
+                             for labels, name in _cheap_sources(sources)], None)  # collective
+    first_x, first_t = _on_every_rank(
+        world, lambda: read_example(Source(train_data, names[0]), 0))  # collective
+    if cheap_labels(train_data) is None:
+        _on_every_rank(world, lambda: check_label_shape(first_t[None], net.n_heads,
+                                                        names[0]))     # collective
+    net.to_device(device)
+    first = chainer.dataset.concat_examples([(first_x, first_t)], device)
+    try:
+        classes = net.initialize(*first)
+    except DataError as e:
+        raise DataError(str(e), collective=True) from None
+    _on_root(world, lambda: [check_labels(labels, classes, name, net.head_names)
+                             for labels, name in _cheap_sources(sources)], None)  # collective
+
+    spec = SampleSpec(first_x.shape, classes, net.head_names)
+    eval_batch = config.eval_batchsize or default_eval_batchsize(first_x.nbytes,
+                                                                  config.batchsize)
+    loader = Loader({'train': Source(train_data, names[0], spec),
+                     'test': Source(test_data, names[1], spec)}, _loader_workers(config, world),
+                    max_batch=max(config.batchsize, eval_batch))
+    train_iter = TrainIterator(loader, 'train', n_train, config.batchsize,
+                               world_size=world.size, rank=world.rank, seed=config.seed)
+    test_iter = EvalIterator(loader, 'test', *shard_bounds(n_test, world.size, world.rank),
+                             eval_batch)
+    return loader, train_iter, test_iter
+
 
 def _on_root(world, load, empty):
     """Runs ``load`` on rank 0; a user error there is raised on every rank alike."""
@@ -302,18 +350,77 @@ def _on_root(world, load, empty):
     return result
 
 
+def _on_every_rank(world, load):
+    """Runs ``load`` on every rank; a user error on any rank is raised on every rank alike."""
+    result, error = None, None
+    try:
+        result = load()
+    except DistmultiError as e:
+        error = (type(e).__name__, str(e))
+    found = world.allgather_obj(error)
+    for rank, error in enumerate(found):
+        if error is not None:
+            alike = all(other == error for other in found)
+            where = '' if world.size == 1 or alike else f' (on rank {rank})'
+            raise getattr(errors, error[0])(error[1] + where, collective=True)
+    return result
+
+
+def _agree_on_lengths(world, train_data, test_data):
+    """(n_train, n_test), the same on every rank, or a collective DataError."""
+    lengths = world.allgather_obj((len(train_data), len(test_data)))
+    if len(set(lengths)) > 1:
+        seen = '; '.join(f'rank {rank}: {n} training and {m} test samples'
+                         for rank, (n, m) in enumerate(lengths))
+        raise DataError(f'the ranks opened datasets of different lengths ({seen}); every rank '
+                        f'must open the same data (put it on a filesystem all hosts share)',
+                        collective=True)
+    return lengths[0]
+
+
+def _batch_too_large(batchsize: int, ranks: int, n: int) -> str:
+    if ranks == 1:
+        return (f'batchsize {batchsize} is larger than the training data ({n} samples); use '
+                f'at most {n}')
+    return (f'batchsize {batchsize} on {ranks} ranks (a global batch of {batchsize * ranks}) '
+            f'is larger than the training data ({n} samples); use at most {n // ranks} per '
+            f'rank, or fewer ranks')
+
+
+def _cheap_sources(sources):
+    """(labels, name) of the sources whose labels can be had without reading images; the
+    others' labels are checked sample by sample as they are read."""
+    found = []
+    for data, name in sources:
+        labels = cheap_labels(data)
+        if labels is not None:
+            found.append((labels, name))
+    return found
+
+
+def _loader_workers(config: TrainConfig, world) -> int:
+    """``config.loader_workers``, else from the cores per rank (the Loader starts none when
+    all the data is in memory)."""
+    if config.loader_workers is not None:
+        return config.loader_workers
+    local_ranks = getattr(getattr(world, 'mn', None), 'intra_size', 1)
+    return default_loader_workers(cores_per_rank(local_ranks))
+
+
 def _load_data(config: TrainConfig, train_data, test_data):
-    """(train, test, sources) from the caller's datasets, ``config.dataset`` or the embedded
-    data; ``sources`` are the datasets as given or loaded, with the names errors use, so a bad
-    label is reported at its row in the user's file (before any split)."""
+    """(train, test, sources, names) from the caller's datasets, ``config.dataset`` or the
+    embedded data. ``sources`` are the datasets as given or opened, with the names errors use,
+    so a bad label is reported at its row in the user's file (before any split); ``names``
+    are the names of train and test."""
     if train_data is None and test_data is not None:
         raise ConfigError('test_data was given without train_data')
     names = ('training data', 'test data')
     if train_data is None and config.dataset:
-        train_data = load_dataset(config.dataset)
+        size = parse_image_size(config.image_size)
+        train_data = load_dataset(config.dataset, size)
         names = (config.dataset, 'test data')
         if config.test_dataset:
-            test_data = load_dataset(config.test_dataset)
+            test_data = load_dataset(config.test_dataset, size)
             names = (config.dataset, config.test_dataset)
     if train_data is None:
         check_embedded_size(config.heads, config.train_size + config.test_size)
@@ -322,8 +429,8 @@ def _load_data(config: TrainConfig, train_data, test_data):
         train_data, test_data = train_split.dataset(), test_split.dataset()
     if test_data is None:
         return split_dataset(train_data, config.test_fraction, config.seed) + (
-            [(train_data, names[0])],)
-    return train_data, test_data, [(train_data, names[0]), (test_data, names[1])]
+            [(train_data, names[0])], (names[0], names[0]))
+    return train_data, test_data, [(train_data, names[0]), (test_data, names[1])], names
 
 
 def load_model(spec: str) -> MultiHeadNet:
@@ -425,13 +532,14 @@ def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> Op
                  f' on rank(s) {", ".join(map(str, missing))} (every rank reads it: put --out '
                  f'on a filesystem that all hosts share)')
         raise CheckpointError(f'checkpoint {path!r} does not exist{where}', collective=True)
-    checkpoint.load_npz(path, trainer,
-                        ignore_names=lambda key: key.startswith(_ITERATOR_KEYS))
-    train_iter.seek(updater.iteration * updater.accumulate)
+    checkpoint.load_npz(path, trainer)
     written_by = updater.checkpoint_world_size
+    if train_iter.legacy_checkpoint:  # no stream position saved: continue after the samples
+        train_iter.seek(updater.iteration * updater.accumulate * config.batchsize * written_by)
     ranks = (f'; same number of ranks ({world.size})' if written_by == world.size else
-             f'; it was written by {written_by} rank(s) and continues on {world.size}, so the '
-             f'data is re-sharded from here')
+             f'; it was written by {written_by} rank(s) and continues on {world.size} from '
+             f'the same sample ({train_iter.samples_seen} seen, epoch '
+             f'{train_iter.epoch_detail:.3f})')
     log(f'resumed from {path} at iteration {updater.iteration}{ranks}')
     if manifest is None and path.endswith('.npz'):
         manifest = world.allgather_obj(checkpoint.read_manifest(
@@ -449,7 +557,7 @@ def _is_last_iteration(config: TrainConfig):
 def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world,
                     watchdog, run_id: str) -> checkpoint.Checkpointer:
     """Every extension of a run; returns the checkpointer (its manifest gets the lineage)."""
-    per_epoch = max(1, -(-n_train // (config.batchsize * config.accumulate)))
+    per_epoch = max(1, -(-n_train // (config.batchsize * config.accumulate * world.size)))
     if config.eval_interval is not None:
         report_trigger = (config.eval_interval, 'iteration')
     elif config.iterations is not None:

@@ -31,7 +31,8 @@ from chainer.training import StandardUpdater
 from distmulti import stopping
 from distmulti.comm import LocalComm
 from distmulti.config import BACKWARD_MODES, GRAD_DTYPES, GRAD_SYNC_MODES
-from distmulti.errors import NonFiniteLossError
+from distmulti.errors import NonFiniteLossError, SampleError
+from distmulti.loader import raise_if_any_failed
 from distmulti.metrics import Layout, batch_stats, label_counts, summarize
 from distmulti.models import HeadOutput, MultiHeadNet
 from distmulti.schedule import rate_attribute
@@ -150,14 +151,19 @@ class MultiHeadUpdater(StandardUpdater):
 
     # -- the three stages -----------------------------------------------------
     def _read_batches(self) -> List[tuple]:
-        """``accumulate`` converted batches; records whether they crossed an epoch boundary."""
+        """``accumulate`` converted batches; records whether they crossed an epoch boundary,
+        and the SampleError of a batch this rank could not read (then it reads no more)."""
         iterator = self.get_iterator('main')
         self._epoch_detail_before = iterator.epoch_detail
-        batches, crossed = [], False
+        batches, crossed, self._sample_error = [], False, None
         for _ in range(self.accumulate):
+            try:
+                batch = iterator.next()
+            except SampleError as e:  # this rank cannot read its batch: the all-reduce says so
+                self._sample_error = e
+                break
             # As StandardUpdater: an old-style converter(batch, device) gets -1 or the GPU id.
-            batches.append(convert._call_converter(self.converter, iterator.next(),
-                                                   self.input_device))
+            batches.append(convert._call_converter(self.converter, batch, self.input_device))
             crossed = crossed or iterator.is_new_epoch
         self._new_epoch = crossed
         return batches
@@ -166,37 +172,47 @@ class MultiHeadUpdater(StandardUpdater):
         """Clears every gradient, then forward and backward of each micro-batch (gradients add
         up); returns the global per-head sums over all of them (``metrics.Layout``).
 
-        Collectives, the same on every rank and in the same order whatever the data: with
-        several micro-batches, first one all-reduce of their labelled counts (each head's loss
+        Collectives, the same on every rank and in the same order whatever the data (a rank
+        whose batch could not be read computes nothing but still takes part): with several
+        micro-batches, first one all-reduce of their labelled counts (each head's loss
         normaliser must be known before the first backward); then, before the last backward,
-        the all-reduce of the summed per-head statistics, whose NaN check stops every rank
-        before any exchange or step.
+        the all-reduce of the summed per-head statistics. Its last two elements count the
+        ranks whose batch failed (then every rank raises that rank's SampleError) and the
+        ranks asked to stop (see distmulti.stopping: all stop after this iteration); its NaN
+        check stops every rank before any exchange or step.
         """
         net, comm = self.net, self.comm
         layout = Layout(net.n_heads)
         for optimizer in self._optimizers.values():
             optimizer.target.cleargrads()
+        failed = self._sample_error is not None
+        if failed:
+            batches = []
         normaliser = None
-        if len(batches) > 1:
-            local = sum(label_counts(t) for _, t in batches)
+        if self.accumulate > 1:
+            local = sum((label_counts(t) for _, t in batches), np.zeros(net.n_heads))
             normaliser = comm.allreduce_sum(local)
         totals = np.zeros(layout.size)
+        last = None
         for i, (x, t) in enumerate(batches):
             outputs = net.head_outputs(x, t)
             totals = totals + batch_stats(outputs, t)
-            if i == len(batches) - 1:
-                # The same small collective on every rank, every iteration. Its last element
-                # counts the ranks that have been asked to stop (see distmulti.stopping): all
-                # learn it at the same iteration, and all stop after it.
-                reduced = comm.allreduce_sum(
-                    np.append(totals, 1.0 if stopping.requested() else 0.0))
-                stats = reduced[:-1]
-                self.stop_agreed = self.stop_agreed or bool(reduced[-1] > 0)
-                if not np.isfinite(layout.loss_sums(stats)).all():
-                    self._raise_non_finite(layout.loss_sums(stats))
-                if normaliser is None:
-                    normaliser = layout.labelled(stats)
-            self._backward(outputs, normaliser)
+            if i < len(batches) - 1:
+                self._backward(outputs, normaliser)
+            else:
+                last = outputs
+        # The same small collective on every rank, every iteration, before any decision.
+        flags = [float(failed), 1.0 if stopping.requested() else 0.0]
+        reduced = comm.allreduce_sum(np.concatenate([totals, flags]))
+        stats, n_failed, n_stopping = reduced[:-2], reduced[-2], reduced[-1]
+        self.stop_agreed = self.stop_agreed or bool(n_stopping > 0)
+        raise_if_any_failed(comm, n_failed, self._sample_error)           # collective
+        if not np.isfinite(layout.loss_sums(stats)).all():
+            self._raise_non_finite(layout.loss_sums(stats))
+        if normaliser is None:
+            normaliser = layout.labelled(stats)
+        if last is not None:
+            self._backward(last, normaliser)
         return stats
 
     def _backward(self, outputs: Sequence[HeadOutput], normaliser: np.ndarray) -> None:

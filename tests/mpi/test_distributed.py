@@ -12,12 +12,13 @@ import pytest
 import chainer
 import chainer.functions as F
 from chainer import optimizers as O
-from chainer.datasets import TupleDataset
+from chainer.datasets import SubDataset, TupleDataset
 from chainer.iterators import SerialIterator
 
 from distmulti.comm import create_world
 from distmulti.config import TrainConfig
 from distmulti.evaluator import MultiHeadEvaluator
+from distmulti.sampling import shard_bounds
 from distmulti.training import train
 from distmulti.updater import MultiHeadUpdater
 from tests.helpers import params, small_batch, small_net
@@ -121,11 +122,8 @@ def test_evaluation_is_exact_over_unequal_shards():
     x, y = small_batch(2, 2 * WORLD.size * 25 + 1, seed=7)  # odd: shards differ in size
     y[::4, 1] = -1
     full = TupleDataset(x, y)
-    if WORLD.size > 1:
-        import chainermn
-        mine = chainermn.scatter_dataset(full, WORLD.mn, force_equal_length=False)
-    else:
-        mine = full
+    begin, end = shard_bounds(len(full), WORLD.size, WORLD.rank)
+    mine = SubDataset(full, begin, end)
     net = small_net(2)
     it = SerialIterator(mine, 8, repeat=False, shuffle=False)
     result = MultiHeadEvaluator(it, net, loss_weights=[1.0, 3.0], comm=WORLD).evaluate()

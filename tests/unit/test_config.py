@@ -65,11 +65,25 @@ def test_device_specs_in_chainer_example_style(spec, expected):
      "grad_dtype float16 needs the pure_nccl communicator (ChainerMN's non_cuda_aware exchanges "
      "float32 only)"),
     ({'sync_bn': 'yes'}, "sync_bn must be true or false, got 'yes'"),
+    ({'loader_workers': -1}, 'loader_workers must be an integer >= 0, got -1'),
+    ({'eval_batchsize': 0}, 'eval_batchsize must be an integer >= 1, got 0'),
+    ({'image_size': '64'}, "image_size: image size '64' is not WIDTHxHEIGHT with both at "
+                           "least 1, e.g. 64x64"),
+    ({'image_size': '0x5'}, "image size '0x5' is not WIDTHxHEIGHT"),
+    ({'dataset': 'h5:x.h5'}, "dataset must be npz:PATH, npy:DIR or csv:PATH, got 'h5:x.h5'"),
 ])
 def test_each_bad_value_gets_a_sentence_naming_it(values, message):
     with pytest.raises(ConfigError) as info:
         TrainConfig.from_mapping(values).validate()
     assert message in str(info.value)
+
+
+def test_the_data_loading_flags_parse_and_may_change_on_resume():
+    config = config_from_args(parse_args(['train', '--loader-workers', '0', '--eval-batchsize',
+                                          '7', '--image-size', '32x16', '--dataset', 'npy:d']))
+    assert (config.loader_workers, config.eval_batchsize, config.image_size) == (0, 7, '32x16')
+    free = TrainConfig.resume_free_keys()
+    assert {'loader_workers', 'eval_batchsize'} <= free and 'image_size' not in free
 
 
 def test_unknown_keys_are_rejected_with_a_suggestion():

@@ -2,9 +2,8 @@
 import numpy as np
 import pytest
 
-from chainer.datasets import TupleDataset
 
-from distmulti.data import ShuffledIterator, check_labels, digit_strips, load_digit_images
+from distmulti.data import check_labels, digit_strips, load_digit_images
 from distmulti.errors import DataError
 
 
@@ -51,19 +50,3 @@ def test_bad_labels_get_a_clear_error(y, message):
 
 def test_ignored_labels_are_allowed():
     check_labels(np.array([[-1, 9, 0], [3, -1, -1]], np.int32), [10, 10, 2], 'data')
-
-
-def test_shuffled_iterator_seek_reproduces_the_future_batches():
-    data = TupleDataset(np.arange(10, dtype=np.float32), np.arange(10, dtype=np.int32))
-    a = ShuffledIterator(data, 3, seed=5)
-    seen_a = [tuple(int(t) for _, t in a.next()) for _ in range(12)]
-    b = ShuffledIterator(data, 3, seed=5)
-    for _ in range(9):
-        b.next()
-    b.seek(5)  # back, across epoch boundaries, to after 5 batches
-    assert (b.epoch, b.current_position) == (1, 5)
-    seen_b = [tuple(int(t) for _, t in b.next()) for _ in range(7)]
-    assert seen_b == seen_a[5:]
-    assert len(set(seen_a)) > 1  # it does shuffle
-    other = ShuffledIterator(data, 3, seed=6)
-    assert [tuple(int(t) for _, t in other.next()) for _ in range(12)] != seen_a

@@ -1,4 +1,5 @@
-"""Users' own datasets: npz archives and CSV files of image names and labels, and the split."""
+"""Users' own datasets: npz archives, npy folders (read by sample), CSV files of image names
+and labels (each image read when drawn), and the split. Real files throughout."""
 import os
 
 import numpy as np
@@ -6,8 +7,10 @@ import pytest
 from chainer.datasets import SubDataset, TupleDataset
 from PIL import Image
 
-from distmulti.datasets import labels_array, load_dataset, split_dataset
+from distmulti.csvdata import CsvImageDataset
+from distmulti.datasets import in_memory, labels_array, load_dataset, split_dataset
 from distmulti.errors import ConfigError, DataError
+from distmulti.npydata import NpyDataset
 from tests.helpers import Payload
 
 
@@ -23,11 +26,25 @@ def good_arrays(n=6, k=2):
             'y': rng.randint(-1, 10, size=(n, k)).astype(np.int32)}
 
 
-def data_error(spec):
+def data_error(spec, **kw):
     with pytest.raises(DataError) as info:
-        load_dataset(spec)
+        load_dataset(spec, **kw)
     assert info.value.collective
     return str(info.value)
+
+
+def read_error(dataset, i):
+    """The message of the DataError that reading sample ``i`` raises."""
+    with pytest.raises(DataError) as info:
+        dataset[i]
+    assert info.value.collective
+    return str(info.value)
+
+
+def arrays(dataset):
+    """x and y of every sample, read one by one."""
+    return (np.stack([dataset[i][0] for i in range(len(dataset))]),
+            np.stack([dataset[i][1] for i in range(len(dataset))]))
 
 
 def write_png(path, pixels):
@@ -59,7 +76,7 @@ def gray_images(tmp_path, n=4, size=(5, 3), folder='img'):
 def test_an_unknown_spec_lists_the_allowed_forms(spec):
     message = data_error(spec)
     assert f'dataset spec {spec!r} is not allowed' in message
-    assert 'npz:PATH, csv:PATH' in message
+    assert 'npz:PATH, npy:DIR, csv:PATH' in message
 
 
 # ------------------------------------------------------------------------------------ npz
@@ -192,6 +209,92 @@ def test_a_pickled_object_array_is_refused_and_never_unpickled(tmp_path, name):
     assert live.exists()
 
 
+# ------------------------------------------------------------------------------------ npy
+
+def npy_folder(tmp_path, x, y, name='d'):
+    folder = tmp_path / name
+    folder.mkdir()
+    np.save(folder / 'x.npy', x)
+    np.save(folder / 'y.npy', y)
+    return folder
+
+
+def test_an_npy_folder_reads_samples_by_row_and_labels_at_once(tmp_path):
+    arrays_ = good_arrays(n=7)
+    folder = npy_folder(tmp_path, arrays_['x'], arrays_['y'].astype(np.int64))
+    dataset = load_dataset(f'npy:{folder}')
+    assert isinstance(dataset, NpyDataset) and len(dataset) == 7 and not in_memory(dataset)
+    x, y = arrays(dataset)
+    np.testing.assert_array_equal(x, arrays_['x'])
+    assert x.dtype == np.float32 and y.dtype == np.int32
+    np.testing.assert_array_equal(labels_array(dataset), arrays_['y'])
+    np.testing.assert_array_equal(dataset[-1][0], arrays_['x'][-1])
+    with pytest.raises(IndexError):
+        dataset[7]
+
+
+def test_a_big_endian_npy_is_read_as_native_float32(tmp_path):
+    arrays_ = good_arrays(n=3)
+    folder = npy_folder(tmp_path, arrays_['x'].astype('>f4'), arrays_['y'])
+    x = load_dataset(f'npy:{folder}')[1][0]
+    assert x.dtype == np.float32 and x.dtype.isnative
+    np.testing.assert_array_equal(x, arrays_['x'][1])
+
+
+def test_an_npy_sample_with_nan_is_named_by_file_and_row_when_read(tmp_path):
+    arrays_ = good_arrays(n=6)
+    arrays_['x'][4, 0, 1, 2] = np.nan
+    folder = npy_folder(tmp_path, arrays_['x'], arrays_['y'])
+    dataset = load_dataset(f'npy:{folder}')  # the pixels are not scanned at start
+    dataset[3]
+    assert read_error(dataset, 4) == (f'{folder / "x.npy"}: row 4 (counting from 0) holds '
+                                      f'NaN or infinite values; every pixel must be finite')
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda a: a.update(x=a['x'].astype(np.float64)),
+     'x.npy: x has dtype float64 but float32 is required'),
+    (lambda a: a.update(x=a['x'][:, 0]), 'x.npy: x has shape (6, 4, 5) but (N, C, H, W)'),
+    (lambda a: a.update(y=a['y'].astype(np.float32)),
+     'y.npy: y has dtype float32 but an integer dtype is required'),
+    (lambda a: a.update(y=a['y'][:, 0]), 'y.npy: y has shape (6,) but (N, K)'),
+    (lambda a: a.update(y=a['y'][:5]), 'x has 6 samples but y has 5'),
+    (lambda a: a.update(x=np.asfortranarray(a['x'])), 'x.npy is stored in Fortran order'),
+    (lambda a: a.update(x=a['x'][:0], y=a['y'][:0]), 'is empty: x and y have 0 samples'),
+    (lambda a: a.update(y=np.array([[Payload('m')]] * 6, dtype=object)),
+     'y.npy is an object (pickled) array, which is never loaded'),
+])
+def test_wrong_npy_arrays_are_refused_at_start(tmp_path, change, message):
+    arrays_ = good_arrays()
+    change(arrays_)
+    folder = tmp_path / 'd'
+    folder.mkdir()
+    for name, value in arrays_.items():
+        np.save(folder / f'{name}.npy', value, allow_pickle=True)
+    assert message in data_error(f'npy:{folder}')
+
+
+def test_missing_or_truncated_npy_files_are_refused(tmp_path):
+    assert data_error(f'npy:{tmp_path / "none"}').startswith(
+        f'npy folder {tmp_path / "none"} does not exist')
+    arrays_ = good_arrays()
+    folder = npy_folder(tmp_path, arrays_['x'], arrays_['y'])
+    os.unlink(folder / 'y.npy')
+    assert data_error(f'npy:{folder}').startswith(f'npy folder {folder} has no y.npy')
+    np.save(folder / 'y.npy', arrays_['y'])
+    with open(folder / 'x.npy', 'r+b') as f:
+        f.truncate(os.path.getsize(folder / 'x.npy') - 10)
+    assert 'x.npy is truncated' in data_error(f'npy:{folder}')
+
+
+def test_npy_labels_that_do_not_fit_int32_are_refused(tmp_path):
+    arrays_ = good_arrays()
+    y = arrays_['y'].astype(np.int64)
+    y[1, 1] = 2 ** 40
+    folder = npy_folder(tmp_path, arrays_['x'], y)
+    assert 'y.npy: y (int64) has values from' in data_error(f'npy:{folder}')
+
+
 # ------------------------------------------------------------------------------------ csv
 
 def test_a_grayscale_image_folder_loads_with_the_pixels_written(tmp_path):
@@ -199,7 +302,9 @@ def test_a_grayscale_image_folder_loads_with_the_pixels_written(tmp_path):
     path = write_csv(tmp_path / 'labels.csv',
                      [f'{n},{i},{-1 if i % 2 else 3}' for i, n in enumerate(names)])
     dataset = load_dataset(f'csv:{path}')
-    x, y = dataset._datasets
+    assert isinstance(dataset, CsvImageDataset) and not in_memory(dataset)
+    x, y = arrays(dataset)
+    np.testing.assert_array_equal(labels_array(dataset), y)
     assert x.shape == (4, 1, 3, 5) and x.dtype == np.float32 and y.dtype == np.int32
     np.testing.assert_array_equal(x[:, 0], np.stack(pixels).astype(np.float32) / 255)
     np.testing.assert_array_equal(y, [[0, 3], [1, -1], [2, 3], [3, -1]])
@@ -212,12 +317,12 @@ def test_rgb_images_load_channels_first_and_later_images_follow_the_first_mode(t
     write_png(tmp_path / 'a.png', rgb)
     gray = rng.randint(0, 256, size=(3, 4), dtype=np.uint8)
     write_png(tmp_path / 'b.png', gray)
-    x = load_dataset(f'csv:{write_csv(tmp_path / "l.csv", ["a.png,1", "b.png,2"])}')._datasets[0]
+    x = arrays(load_dataset(f'csv:{write_csv(tmp_path / "l.csv", ["a.png,1", "b.png,2"])}'))[0]
     assert x.shape == (2, 3, 3, 4)
     np.testing.assert_array_equal(x[0], rgb.transpose(2, 0, 1).astype(np.float32) / 255)
     np.testing.assert_array_equal(x[1], np.stack([gray] * 3).astype(np.float32) / 255)
     # The first image grayscale: an RGB image after it is converted to grayscale.
-    x = load_dataset(f'csv:{write_csv(tmp_path / "g.csv", ["b.png,2", "a.png,1"])}')._datasets[0]
+    x = arrays(load_dataset(f'csv:{write_csv(tmp_path / "g.csv", ["b.png,2", "a.png,1"])}'))[0]
     assert x.shape == (2, 1, 3, 4)
     expected = np.asarray(Image.fromarray(rgb).convert('L'), dtype=np.float32) / 255
     np.testing.assert_array_equal(x[1, 0], expected)
@@ -238,7 +343,9 @@ def test_image_names_are_relative_to_the_csv_folder_or_absolute(tmp_path, monkey
     absolute = str(tmp_path / 'data' / names[1])
     path = write_csv(tmp_path / 'data' / 'labels.csv', [f'{names[0]},0', f'{absolute},1'])
     monkeypatch.chdir(tmp_path)  # the CSV's own folder counts, not the working directory
-    x = load_dataset('csv:data/labels.csv')._datasets[0]
+    dataset = load_dataset('csv:data/labels.csv')
+    monkeypatch.chdir(tmp_path / 'data' / 'img')  # and still when the images are read
+    x = arrays(dataset)[0]
     np.testing.assert_array_equal(x[:, 0], np.stack(pixels).astype(np.float32) / 255)
     assert os.path.isabs(absolute) and path.exists()
 
@@ -255,21 +362,26 @@ def test_a_missing_csv_file_is_named(tmp_path):
     assert data_error(f'csv:{path}') == f'CSV file {path} does not exist'
 
 
-def test_missing_images_are_listed_up_to_five_with_the_count(tmp_path):
-    names, _ = gray_images(tmp_path, n=1)
-    lines = ['file,a', f'{names[0]},0'] + [f'gone{i}.png,0' for i in range(7)]
+def test_only_the_first_image_is_read_at_start_and_a_missing_one_is_named_when_drawn(
+        tmp_path):
+    names, _ = gray_images(tmp_path, n=2)
+    lines = ['file,a', f'{names[0]},0', 'gone0.png,0', f'{names[1]},1', 'img/lost.png,1']
     path = write_csv(tmp_path / 'labels.csv', lines)
-    message = data_error(f'csv:{path}')
-    assert (f'CSV file {path}: 7 image files not found: gone0.png (row 3), gone1.png (row 4), '
-            f'gone2.png (row 5), gone3.png (row 6), gone4.png (row 7) and 2 more') in message
-    assert 'gone5.png' not in message and str(tmp_path) in message
+    dataset = load_dataset(f'csv:{path}')  # opens only img/0.png: the missing ones pass
+    assert len(dataset) == 4
+    np.testing.assert_array_equal(labels_array(dataset), [[0], [0], [1], [1]])
+    assert dataset[2][0].shape == (1, 3, 5)
+    assert read_error(dataset, 1) == (
+        f'CSV file {path}, row 3: image gone0.png does not exist (names are relative to the '
+        f'CSV file\'s folder {tmp_path} unless absolute)')
+    assert read_error(dataset, 3).startswith(f'CSV file {path}, row 5: image img/lost.png does '
+                                             f'not exist')
 
 
-def test_one_missing_image_is_named(tmp_path):
-    names, _ = gray_images(tmp_path, n=1)
-    path = write_csv(tmp_path / 'labels.csv', [f'{names[0]},0', 'img/lost.png,1'])
-    assert f'CSV file {path}: 1 image file not found: img/lost.png (row 2)' \
-        in data_error(f'csv:{path}')
+def test_a_missing_first_image_is_an_error_at_start(tmp_path):
+    path = write_csv(tmp_path / 'labels.csv', ['img/lost.png,1'])
+    assert data_error(f'csv:{path}').startswith(
+        f'CSV file {path}, row 1: image img/lost.png does not exist')
 
 
 @pytest.mark.parametrize('bad_row', [1, 3])
@@ -277,19 +389,35 @@ def test_an_unreadable_image_is_named_with_its_row(tmp_path, bad_row):
     names, _ = gray_images(tmp_path, n=3)
     (tmp_path / names[bad_row - 1]).write_text('not a png')
     path = write_csv(tmp_path / 'labels.csv', [f'{n},0' for n in names])
-    message = data_error(f'csv:{path}')
-    assert (f'CSV file {path}, row {bad_row}: image {names[bad_row - 1]} cannot be read as an '
-            f'image (UnidentifiedImageError') in message
+    expected = (f'CSV file {path}, row {bad_row}: image {names[bad_row - 1]} cannot be read as '
+                f'an image (UnidentifiedImageError')
+    if bad_row == 1:  # the first image is read at start
+        assert expected in data_error(f'csv:{path}')
+    else:
+        assert expected in read_error(load_dataset(f'csv:{path}'), bad_row - 1)
 
 
-def test_images_of_another_size_are_refused(tmp_path):
+def test_an_image_of_another_size_is_refused_when_drawn(tmp_path):
     names, _ = gray_images(tmp_path, n=3, size=(5, 3))
     write_png(tmp_path / 'big.png', np.zeros((4, 6), np.uint8))
     path = write_csv(tmp_path / 'labels.csv',
                      ['name,a'] + [f'{n},0' for n in names[:2]] + ['big.png,1', f'{names[2]},0'])
-    message = data_error(f'csv:{path}')
-    assert (f'CSV file {path}, row 4: image big.png is 6x4 pixels but the first image '
-            f'img/0.png (row 2) is 5x3; all images must have the same size') in message
+    dataset = load_dataset(f'csv:{path}')
+    assert dataset[3][0].shape == (1, 3, 5)
+    assert read_error(dataset, 2) == (
+        f'CSV file {path}, row 4: image big.png is 6x4 pixels but the first image img/0.png '
+        f'(row 2) is 5x3; all images must have the same size (width x height), or give '
+        f'--image-size WxH to resize them')
+
+
+def test_with_an_image_size_every_image_is_resized(tmp_path):
+    names, _ = gray_images(tmp_path, n=2, size=(5, 3))
+    write_png(tmp_path / 'big.png', np.full((8, 10), 200, np.uint8))
+    path = write_csv(tmp_path / 'labels.csv', [f'{names[0]},0', 'big.png,1'])
+    dataset = load_dataset(f'csv:{path}', image_size=(4, 2))
+    x = arrays(dataset)[0]
+    assert x.shape == (2, 1, 2, 4)
+    np.testing.assert_allclose(x[1], 200 / 255, rtol=1e-6)  # a flat image stays flat
 
 
 def test_rows_with_another_number_of_labels_are_refused(tmp_path):
