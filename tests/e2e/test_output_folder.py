@@ -18,6 +18,8 @@ from distmulti.runfiles import EXIT_USAGE, LOCK_FILE
 from tests.helpers import (MPIEXEC, finish, mpiexec, rank_pids, run_cli, sha256, start,
                            wait_for)
 
+pytestmark = pytest.mark.process
+
 PYTHON = sys.executable
 QUICK = ['--no-progress', '--no-plot', '--train-size', 480, '--test-size', 100,
          '--batchsize', 16]

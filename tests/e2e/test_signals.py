@@ -13,6 +13,8 @@ from distmulti.checkpoint import list_checkpoints, verify_checkpoint
 from distmulti.runfiles import EXIT_STOPPED
 from tests.helpers import MPIEXEC, finish, mpiexec, rank_pids, sha256, start, wait_for
 
+pytestmark = pytest.mark.process
+
 PYTHON = sys.executable
 ARGS = ['--iterations', 120, '--eval-interval', 10, '--checkpoint-interval', 1000,
         '--no-progress', '--no-plot', '--train-size', 480, '--test-size', 100,
