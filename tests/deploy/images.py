@@ -42,7 +42,7 @@ GPU_IMAGES = {'cupy13': 'localhost/distmulti-test:gpu', 'cupy14': 'localhost/dis
 # offer the Dockerfiles: `python3 -m venv` (Python 3.11 with ensurepip) and CA certificates.
 STANDIN_PACKAGES = ('python3', 'python3-venv', 'ca-certificates', 'netbase')
 
-# Needed for `podman run` and `podman build` on these machines (see ENVIRONMENT.md): crun
+# Needed for `podman run` and `podman build` on machines like the CI ones: crun
 # fails on the cgroups here, and the default open-files limit is too low for runc.
 ULIMITS = ('--ulimit', 'nofile=20000:20000', '--ulimit', 'nproc=32768:32768')
 # `podman run` flags for the tests: no network unless asked, no systemd healthcheck timer.
