@@ -131,8 +131,8 @@ class TrainConfig:
                                                'finish the iteration and write the checkpoint '
                                                'before exiting at once (0: no limit)',
                                          metavar='SECONDS', resume_free=True)
-    eval_interval: Optional[int] = option(None, 'evaluate and log every N iterations '
-                                                '(default: every epoch)', metavar='N',
+    eval_interval: Optional[int] = option(None, 'evaluate and log every N iterations and at '
+                                                'the last (default: every epoch)', metavar='N',
                                           resume_free=True, show_default=False)
     model: Optional[str] = option(None, 'your network: a factory returning (base, heads) or a '
                                         'MultiHeadNet', metavar='PACKAGE.MODULE:FACTORY',

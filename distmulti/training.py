@@ -547,6 +547,28 @@ def _resume(trainer, updater, train_iter, config: TrainConfig, world, log) -> Op
     return (manifest or {}).get('lineage')
 
 
+class ReportTrigger:
+    """Fires every ``interval`` (a Chainer trigger spec) and at the run's last iteration, so
+    that the evaluation, the log, the plots and TensorBoard end where training ends: with
+    ``--iterations 1000 --eval-interval 300`` the last report is at 1000, not 900, and the
+    final evaluation is that report's.
+
+    Its state is the interval trigger's, under the same keys, so checkpoints written before
+    it existed resume unchanged.
+    """
+
+    def __init__(self, interval, is_last: Callable[[Any], bool]):
+        self._every = training.triggers.IntervalTrigger(*interval)
+        self._is_last = is_last
+
+    def __call__(self, trainer) -> bool:
+        every = self._every(trainer)  # called every iteration: it tracks the previous one
+        return every or self._is_last(trainer.updater)
+
+    def serialize(self, serializer) -> None:
+        self._every.serialize(serializer)
+
+
 def _is_last_iteration(config: TrainConfig):
     length, unit = config.stop_trigger
     if unit == 'iteration':
@@ -564,13 +586,18 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         report_trigger = (min(config.iterations, per_epoch), 'iteration')
     else:
         report_trigger = (1, 'epoch')
+    is_last = _is_last_iteration(config)
+
+    def report():  # one trigger per extension: interval triggers keep state
+        return ReportTrigger(report_trigger, is_last)
+
     if watchdog is not None:
         trainer.extend(WatchdogExtension(watchdog))
     # Both on every rank: they are collective.
-    trainer.extend(evaluator, trigger=report_trigger)
+    trainer.extend(evaluator, trigger=report())
     checkpointer = checkpoint.Checkpointer(
         world, config.out, config.checkpoint_interval, config.keep_checkpoints,
-        _is_last_iteration(config),
+        is_last,
         {'config_hash': checkpoint.config_hash(config.to_dict()), 'config': config.to_dict(),
          'version': __version__, 'run_id': run_id})
     trainer.extend(checkpointer)
@@ -580,10 +607,10 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         _on_root(world, tensorboard.check_available, None)              # collective
     if not world.is_root:
         return checkpointer
-    log_report = extensions.LogReport(trigger=report_trigger)
+    log_report = extensions.LogReport(trigger=report())
     trainer.extend(log_report)
     for extension, name in IterationTimer(config.batchsize * config.accumulate * world.size,
-                                          report_trigger).extensions():
+                                          report()).extensions():
         trainer.extend(extension, name=name)
     if config.tensorboard:
         trainer.extend(tensorboard.TensorBoardReport(
@@ -596,7 +623,7 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
     if config.progress:
         trainer.extend(extensions.ProgressBar(update_interval=10))
     rates = RateObserver(trainer.updater.get_all_optimizers())
-    trainer.extend(rates, trigger=report_trigger)
+    trainer.extend(rates, trigger=report())
     if config.plot and plots.available():
         figures = {'loss.png': ['main/loss', 'validation/main/loss'],
                    'accuracy_all.png': ['main/accuracy_all', 'validation/main/accuracy_all']}
@@ -607,7 +634,7 @@ def _add_extensions(trainer, evaluator, config: TrainConfig, n_train: int, world
         if rates.keys:
             figures['lr.png'] = rates.keys
         trainer.extend(plots.LogPlots(log_report, figures, x_key=report_trigger[1],
-                                      log=_stderr_log), trigger=report_trigger)
+                                      log=_stderr_log), trigger=report())
     return checkpointer
 
 

@@ -192,9 +192,10 @@ def test_the_final_evaluation_runs_once(tmp_path, iterations, evaluations):
                          batchsize=8, progress=False, plot=False, heads=2, loader_workers=0)
     result = train(config, train_data=chainer.datasets.TupleDataset(x[:64], y[:64]),
                    test_data=test_set, log=lambda msg: None)
-    # Evaluations at 5 and 10; at 12 iterations the last report (10) is not the end.
+    # Evaluations at 5 and 10; at 12 iterations the run's end is a report of its own (5, 10,
+    # 12), and the final result is always the last report's evaluation, not another one.
     assert test_set.reads == evaluations * 16
     log = json.loads((tmp_path / 'log').read_text())
     assert result['test']['samples'] == 16
-    if iterations == 10:
-        assert log[-1]['validation/main/loss'] == result['test']['loss']
+    assert [entry['iteration'] for entry in log] == [5, 10, 12][:evaluations]
+    assert log[-1]['validation/main/loss'] == result['test']['loss']
