@@ -25,21 +25,11 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import chainer
 
-from distmulti.errors import DataError
+from distmulti.errors import check_file as _check_file
+from distmulti.errors import data_error as _fail
 
 _INT_RE = re.compile(r'[+-]?[0-9]+\Z')
 _INT32_MAX = np.iinfo(np.int32).max
-
-
-def _fail(message: str) -> DataError:
-    return DataError(message, collective=True)
-
-
-def _check_file(path: str, what: str) -> None:
-    if not os.path.exists(path):
-        raise _fail(f'{what} {path} does not exist')
-    if not os.path.isfile(path):
-        raise _fail(f'{what} {path} is not a file')
 
 
 def parse_image_size(text: Optional[str]) -> Optional[Tuple[int, int]]:

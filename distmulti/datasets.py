@@ -24,7 +24,8 @@ from typing import Any, Optional, Tuple
 import numpy as np
 from chainer.datasets import SubDataset, TupleDataset
 
-from distmulti.errors import ConfigError, DataError
+from distmulti.errors import ConfigError, DataError, check_file as _check_file
+from distmulti.errors import data_error as _fail
 
 SPEC_FORMS = ('npz:PATH', 'npy:DIR', 'csv:PATH')
 _INT32 = np.iinfo(np.int32)
@@ -58,17 +59,6 @@ def load_dataset(spec: str, image_size: Optional[Tuple[int, int]] = None) -> Any
         return NpyDataset(path)
     from distmulti.csvdata import load_csv
     return load_csv(path, image_size)
-
-
-def _fail(message: str) -> DataError:
-    return DataError(message, collective=True)
-
-
-def _check_file(path: str, what: str) -> None:
-    if not os.path.exists(path):
-        raise _fail(f'{what} {path} does not exist')
-    if not os.path.isfile(path):
-        raise _fail(f'{what} {path} is not a file')
 
 
 # --------------------------------------------------------------------------------------- npz

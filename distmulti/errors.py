@@ -1,4 +1,5 @@
 """Errors a user can cause. The CLI prints them as one line, without a traceback."""
+import os
 
 
 class DistmultiError(Exception):
@@ -49,3 +50,16 @@ class ExportError(DistmultiError, ValueError):
 
 class SampleError(DataError):
     """A sample could not be read, or what was read is not valid (names the file or row)."""
+
+
+def data_error(message: str) -> DataError:
+    """A DataError that every rank raises alike (they all read the same files)."""
+    return DataError(message, collective=True)
+
+
+def check_file(path: str, what: str) -> None:
+    """Raises :func:`data_error` naming ``what`` unless ``path`` is an existing regular file."""
+    if not os.path.exists(path):
+        raise data_error(f'{what} {path} does not exist')
+    if not os.path.isfile(path):
+        raise data_error(f'{what} {path} is not a file')

@@ -14,13 +14,9 @@ from typing import Any, Tuple
 import numpy as np
 import chainer
 
-from distmulti.errors import DataError
+from distmulti.errors import data_error as _fail
 
 X_FILE, Y_FILE = 'x.npy', 'y.npy'
-
-
-def _fail(message: str) -> DataError:
-    return DataError(message, collective=True)
 
 
 def read_npy_header(path: str) -> Tuple[np.dtype, Tuple[int, ...], bool, int]:
