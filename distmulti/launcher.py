@@ -278,19 +278,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def kill_leftovers(run_id: str) -> List[int]:
+def kill_leftovers(run_id: str, wait: float = 5.0) -> List[int]:
     """SIGKILLs this host's processes whose environment carries ``DISTMULTI_RUN_ID=run_id``
-    (ranks that outlived their mpiexec); returns their PIDs."""
+    (ranks that outlived their mpiexec) and waits up to ``wait`` seconds for them to be gone,
+    so that a restarted job never runs beside them; returns their PIDs."""
     marker = f'DISTMULTI_RUN_ID={run_id}'.encode()
     killed = []
     me = os.getpid()
     for entry in os.listdir('/proc') if os.path.isdir('/proc') else ():
-        if not entry.isdigit() or int(entry) == me:
+        if not entry.isdigit() or int(entry) == me or not _running(int(entry)):
             continue
         try:
-            with open(f'/proc/{entry}/stat', 'rb') as f:
-                if f.read().rsplit(b')', 1)[-1].split()[0] == b'Z':
-                    continue  # already dead, waiting to be reaped
             with open(f'/proc/{entry}/environ', 'rb') as f:
                 if marker not in f.read().split(b'\0'):
                     continue
@@ -298,7 +296,19 @@ def kill_leftovers(run_id: str) -> List[int]:
             killed.append(int(entry))
         except OSError:
             continue
+    deadline = time.monotonic() + wait
+    while any(_running(pid) for pid in killed) and time.monotonic() < deadline:
+        time.sleep(0.01)
     return killed
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (dead, waiting to be reaped)."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as f:
+            return f.read().rsplit(b')', 1)[-1].split()[0] != b'Z'
+    except (OSError, IndexError):
+        return False
 
 
 def supervise(command: Callable[[List[str]], List[str]], train_args: Sequence[str],
