@@ -143,3 +143,19 @@ def rank_pids(out_dir):
     """PIDs of the rank processes training into ``out_dir``, in rank order."""
     ranks = rank_processes(str(out_dir))
     return [ranks[r] for r in sorted(ranks)]
+
+
+def image_folder(folder, x, y, header=True):
+    """Writes ``x`` (N x 1 x H x W in [0, 1]) as PNGs under ``folder/img`` and their labels
+    ``y`` (N x 2) as ``folder/labels.csv`` (columns file, left, right); returns the CSV's path."""
+    import csv
+    from PIL import Image
+    (folder / 'img').mkdir(parents=True)
+    rows = [['file', 'left', 'right']] if header else []
+    for i, (image, labels) in enumerate(zip(x, y)):
+        name = f'img/{i:04d}.png'
+        Image.fromarray((image[0] * 255).round().astype(np.uint8), mode='L').save(folder / name)
+        rows.append([name] + [int(v) for v in labels])
+    with open(folder / 'labels.csv', 'w', newline='') as f:
+        csv.writer(f).writerows(rows)
+    return folder / 'labels.csv'

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from distmulti.data import digit_strips
-from tests.helpers import MPIEXEC, ROOT, mpiexec, run, run_cli
+from tests.helpers import MPIEXEC, ROOT, image_folder, mpiexec, run, run_cli
 
 PYTHON = sys.executable
 QUICK = ['--no-progress', '--no-plot', '--batchsize', '16']
@@ -63,21 +63,9 @@ def test_an_npz_dataset_loads_and_trains(tmp_path):
     assert result['test']['head0/accuracy'] > 0.5
 
 
-def _image_folder(folder, x, y, header=True):
-    (folder / 'img').mkdir(parents=True)
-    rows = [['file', 'left', 'right']] if header else []
-    for i, (image, labels) in enumerate(zip(x, y)):
-        name = f'img/{i:04d}.png'
-        Image.fromarray((image[0] * 255).round().astype(np.uint8), mode='L').save(folder / name)
-        rows.append([name] + [int(v) for v in labels])
-    with open(folder / 'labels.csv', 'w', newline='') as f:
-        csv.writer(f).writerows(rows)
-    return folder / 'labels.csv'
-
-
 def test_an_image_folder_with_a_label_csv_loads_and_trains(tmp_path):
     x, y = _strips(n=400)
-    labels = _image_folder(tmp_path / 'data', x, y)
+    labels = image_folder(tmp_path / 'data', x, y)
     proc = run_cli(['train', '--dataset', f'csv:{labels}', '--heads', 2, '--iterations', 60,
                     '--test-fraction', 0.25, '--out', tmp_path / 'o'] + QUICK)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -118,7 +106,7 @@ def test_each_bad_npz_dataset_gets_an_error_naming_the_file(tmp_path, kind, mess
 
 def test_a_missing_image_file_gets_an_error_naming_the_csv_row_and_the_file(tmp_path):
     x, y = _strips(n=20)
-    labels = _image_folder(tmp_path / 'data', x, y)
+    labels = image_folder(tmp_path / 'data', x, y)
     os.unlink(tmp_path / 'data' / 'img' / '0003.png')
     proc = run_cli(['train', '--dataset', f'csv:{labels}', '--heads', 2,
                     '--out', tmp_path / 'o'] + QUICK)

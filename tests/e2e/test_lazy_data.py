@@ -12,12 +12,11 @@ import sys
 import chainer
 import numpy as np
 import pytest
-from PIL import Image
 
 from distmulti import TrainConfig, train
 from distmulti.data import digit_strips
 from distmulti.runfiles import EXIT_USAGE
-from tests.helpers import MPIEXEC, mpiexec, run, run_cli, sha256
+from tests.helpers import MPIEXEC, image_folder, mpiexec, run, run_cli, sha256
 
 PYTHON = sys.executable
 QUICK = ['--no-progress', '--no-plot', '--heads', '2']
@@ -36,18 +35,6 @@ def result_of(out):
 def strips(n, seed=0):
     train_split, _ = digit_strips(2, n, 1, seed=seed)
     return train_split.x, train_split.y
-
-
-def image_folder(folder, x, y):
-    (folder / 'img').mkdir(parents=True)
-    rows = [['file', 'left', 'right']]
-    for i, (image, labels) in enumerate(zip(x, y)):
-        name = f'img/{i:04d}.png'
-        Image.fromarray((image[0] * 255).round().astype(np.uint8), mode='L').save(folder / name)
-        rows.append([name] + [int(v) for v in labels])
-    with open(folder / 'labels.csv', 'w', newline='') as f:
-        csv.writer(f).writerows(rows)
-    return folder / 'labels.csv'
 
 
 def npy_folder(folder, x, y):
