@@ -106,12 +106,7 @@ def load_npz(path: str) -> TupleDataset:
         y_dtype, y_shape = _npz_header(npz, path, 'y')
         check_x_header(f'npz file {path}', x_dtype, x_shape)
         check_y_header(f'npz file {path}', y_dtype, y_shape)
-        if x_shape[0] != y_shape[0]:
-            raise _fail(f'npz file {path}: x has {x_shape[0]} samples but y has {y_shape[0]}; '
-                        f'both need one entry per sample')
-        if x_shape[0] == 0:
-            raise _fail(f'npz file {path} is empty: x and y have 0 samples; at least 1 is '
-                        f'needed')
+        check_sample_counts(f'npz file {path}', x_shape[0], y_shape[0])
         x = _npz_array(npz, path, 'x')
         y = _npz_array(npz, path, 'y')
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -186,6 +181,15 @@ def check_y_header(where: str, dtype: np.dtype, shape: Tuple[int, ...]) -> None:
     if shape[1] == 0:
         raise _fail(f'{where}: y has shape {shape}, i.e. no label columns; give one '
                     f'column per head')
+
+
+def check_sample_counts(where: str, n_x: int, n_y: int) -> None:
+    """Raises DataError unless x and y have the same, non-zero number of samples."""
+    if n_x != n_y:
+        raise _fail(f'{where}: x has {n_x} samples but y has {n_y}; both need one entry per '
+                    f'sample')
+    if n_x == 0:
+        raise _fail(f'{where} is empty: x and y have 0 samples; at least 1 is needed')
 
 
 def labels_to_int32(where: str, y: np.ndarray) -> np.ndarray:

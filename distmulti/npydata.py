@@ -45,7 +45,8 @@ class NpyDataset(chainer.dataset.DatasetMixin):
     """
 
     def __init__(self, folder: str):
-        from distmulti.datasets import check_x_header, check_y_header, labels_to_int32
+        from distmulti.datasets import (check_sample_counts, check_x_header, check_y_header,
+                                        labels_to_int32)
         self.folder = folder
         if not os.path.isdir(folder):
             what = 'is not a folder' if os.path.exists(folder) else 'does not exist'
@@ -67,12 +68,7 @@ class NpyDataset(chainer.dataset.DatasetMixin):
         if fortran:
             raise _fail(f'{self.x_path} is stored in Fortran order; save it in C order with '
                         f'np.save(path, np.ascontiguousarray(x))')
-        if shape[0] != y_shape[0]:
-            raise _fail(f'npy folder {folder}: x has {shape[0]} samples but y has '
-                        f'{y_shape[0]}; both need one entry per sample')
-        if shape[0] == 0:
-            raise _fail(f'npy folder {folder} is empty: x and y have 0 samples; at least 1 is '
-                        f'needed')
+        check_sample_counts(f'npy folder {folder}', shape[0], y_shape[0])
         self._dtype, self._shape = dtype, shape[1:]
         self._sample_bytes = int(np.prod(self._shape)) * dtype.itemsize
         self._offset = offset
